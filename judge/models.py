@@ -137,6 +137,9 @@ def load_causal_lm(model_path: str | Path, *, dtype: str = "auto", device: str =
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise on every start
     torch_dtype = _resolve_dtype(dtype, device)
     kwargs: dict[str, object] = {"dtype": torch_dtype}
     if gguf_file:

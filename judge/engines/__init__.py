@@ -1,0 +1,73 @@
+"""Engine backends and the `build_engine(spec)` factory.
+
+Engine specs are strings so the CLI, YAML configs and service settings all speak one language:
+
+| spec | engine |
+|---|---|
+| `default` | the embedded SmolLM2-135M-Instruct (HFEngine on a dequantized copy of the GGUF) |
+| `hf:<model id or path>[?gguf_file=F&device=cuda&dtype=bf16&max_batch_size=N]` | `HFEngine` |
+| `openai:<base_url>#<model>[?api_key_env=VAR]` | `OpenAIEngine` (vLLM serve, llama.cpp server, SGLang, hosted APIs) |
+| `vllm:<model>[?tensor_parallel_size=N&...]` | `VLLMEngine` (needs the `[vllm]` extra and a GPU; untested here) |
+
+Options after `?` are engine keyword arguments (`default?device=cuda` works too).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from judge.engines.base import Engine, EngineError, GenerationParams
+
+__all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "parse_engine_spec"]
+
+_INT_OPTIONS = {"max_batch_size", "max_batch_tokens", "tensor_parallel_size", "max_model_len", "prefix_cache_entries",
+                "max_retries", "concurrency"}
+_FLOAT_OPTIONS = {"gpu_memory_utilization", "timeout"}
+_BOOL_OPTIONS = {"prefix_cache", "enable_prefix_caching"}
+
+
+def parse_engine_spec(spec: str) -> tuple[str, str, dict[str, object]]:
+    """Split a spec into (backend, target, options). Raises ValueError with the accepted forms."""
+    spec = spec.strip()
+    base, _, query = spec.partition("?")
+    options: dict[str, object] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key in _INT_OPTIONS:
+            options[key] = int(value)
+        elif key in _FLOAT_OPTIONS:
+            options[key] = float(value)
+        elif key in _BOOL_OPTIONS:
+            options[key] = value.lower() in {"1", "true", "yes", "on"}
+        else:
+            options[key] = value
+    if base == "default":
+        return "default", "", options
+    backend, sep, target = base.partition(":")
+    if not sep or backend not in {"hf", "openai", "vllm"} or not target:
+        raise ValueError(f"invalid engine spec {spec!r}; use 'default', 'hf:<model id or path>', "
+                         "'openai:<base_url>#<model>' or 'vllm:<model>'")
+    return backend, target, options
+
+
+def build_engine(spec: str = "default") -> Engine:
+    """Construct the engine a spec names. Heavy backends are imported only when used."""
+    backend, target, options = parse_engine_spec(spec)
+    if backend == "default":
+        from judge.engines.hf import HFEngine
+        from judge.models import DEFAULT_MODEL_NAME, plain_checkpoint
+
+        return HFEngine(plain_checkpoint(), name=DEFAULT_MODEL_NAME, **options)  # type: ignore[arg-type]
+    if backend == "hf":
+        from judge.engines.hf import HFEngine
+
+        return HFEngine(target, **options)  # type: ignore[arg-type]
+    if backend == "openai":
+        from judge.engines.openai import OpenAIEngine
+
+        base_url, sep, model = target.partition("#")
+        if not sep or not model:
+            raise ValueError(f"openai engine spec needs a model after '#': openai:<base_url>#<model>, got {spec!r}")
+        return OpenAIEngine(base_url, model, **options)  # type: ignore[arg-type]
+    from judge.engines.vllm import VLLMEngine
+
+    return VLLMEngine(target, **options)  # type: ignore[arg-type]

@@ -1,0 +1,217 @@
+"""Pairwise (position-debiased) and direct-score judges.
+
+`PairwiseJudge` follows RLAIF (Lee et al. 2023, §2.1) and Constitutional AI (Bai et al. 2022, §4):
+- the soft label is P(first response better), read from the label log-probs, never parsed text;
+- every pair is judged in **both orders** and the two P(response_a better) are averaged, which
+  cancels position bias; the per-order numbers and a `consistent` flag are kept so position
+  bias stays visible; a TIE is declared when the orders disagree or the average is within
+  `tie_margin` of 0.5 (MT-Bench's rule, softened by the margin);
+- CoT mode is two-step: decode a rationale, then read the label distribution after it;
+  optional self-consistency averages several sampled rationales;
+- constitution rubrics judge each pair under k principles sampled per item with a seed (or all)
+  and average;
+- optional clamping of per-order probabilities (CAI clamped CoT labels to 40-60%).
+
+`ScoreJudge` is d-RLAIF: the distribution over score labels gives an expected score, rescaled
+to [0, 1].
+
+Both judges take many items and make one engine call for all of them (both orders, every
+principle), so engines can share the rubric prefix across the whole batch; a
+`JudgmentCache` lets repeated items skip the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, Literal, TypeVar
+
+import numpy as np
+
+from judge.cache import JudgmentCache, cache_key
+from judge.engines.base import Engine, GenerationParams
+from judge.rubric import Rubric, RubricError, load_rubric
+from judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
+                         ScoreJudgment, Timings)
+
+Mode = Literal["logprob", "cot"]
+ItemT = TypeVar("ItemT", PairwiseItem, ScoreItem)
+ResultT = TypeVar("ResultT", PairwiseJudgment, ScoreJudgment)
+
+
+class _BatchJudge(Generic[ItemT, ResultT]):
+    """Shared plumbing: rubric/mode checks, cache lookups, timings."""
+
+    kind: Literal["pairwise", "score"]
+    result_type: type
+
+    def __init__(self, engine: Engine, rubric: Rubric | str, *, mode: Mode = "logprob",
+                 cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
+        self.engine = engine
+        self.rubric = rubric if isinstance(rubric, Rubric) else load_rubric(rubric)
+        if self.rubric.kind != self.kind:
+            raise RubricError(f"{self.rubric.source}: rubric '{self.rubric.id}' is a {self.rubric.kind} rubric; "
+                              f"{type(self).__name__} needs a {self.kind} rubric")
+        if mode not in ("logprob", "cot"):
+            raise ValueError(f"mode must be 'logprob' or 'cot', got {mode!r}")
+        if mode == "cot" and self.rubric.cot is None:
+            raise RubricError(f"{self.rubric.source}: rubric '{self.rubric.id}' has no 'cot' section, so mode=cot is unavailable")
+        self.mode: Mode = mode
+        self.cache = cache
+        self.seed = seed
+        self.cot_samples = cot_samples or (self.rubric.cot.samples if self.rubric.cot else 1)
+        if mode == "cot" and self.cot_samples > 1 and self.rubric.cot.temperature == 0:  # type: ignore[union-attr]
+            raise ValueError("self-consistency (cot samples > 1) needs cot.temperature > 0 in the rubric")
+
+    # -- to be provided by subclasses
+    def _judge_uncached(self, items: Sequence[ItemT], timings: Timings) -> list[ResultT]:
+        raise NotImplementedError
+
+    def _key_payload(self) -> dict[str, object]:
+        return {"engine": self.engine.engine_id, "rubric": self.rubric.id, "version": self.rubric.version,
+                "fingerprint": self.rubric.fingerprint, "mode": self.mode, "seed": self.seed,
+                "cot_samples": self.cot_samples if self.mode == "cot" else None}
+
+    def item_key(self, item: ItemT) -> str:
+        return cache_key({**self._key_payload(), "item": item.model_dump()})
+
+    def judge(self, items: Sequence[ItemT]) -> list[ResultT]:
+        """Judge many items; cached ones skip the engine. Output order matches input order."""
+        start = time.perf_counter()
+        if not items:
+            return []
+        keys = [self.item_key(item) for item in items]
+        cached = self.cache.get_many(keys) if self.cache is not None else {}
+        todo = [i for i, key in enumerate(keys) if key not in cached]
+        results: list[ResultT | None] = [None] * len(items)
+        for i, key in enumerate(keys):
+            if key in cached:
+                results[i] = self.result_type.model_validate_json(cached[key]).model_copy(update={"cached": True})
+        if todo:
+            timings = Timings(batch_size=len(todo))
+            fresh = self._judge_uncached([items[i] for i in todo], timings)
+            timings.total_seconds = time.perf_counter() - start
+            for i, result in zip(todo, fresh):
+                result.timings = timings
+                results[i] = result
+            if self.cache is not None:
+                self.cache.put_many(self.kind, {keys[i]: results[i].model_dump_json() for i in todo})  # type: ignore[union-attr]
+        return results  # type: ignore[return-value]
+
+    # -- engine helpers shared by both judges
+    def _label_distributions(self, prompts: list[ChatPrompt], timings: Timings) -> tuple[np.ndarray, list[list[str]] | None]:
+        """Label distribution per prompt, (N, L): direct (logprob) or after rationales (cot, also returned)."""
+        rationales = self._rationales(prompts, timings) if self.mode == "cot" else None
+        started = time.perf_counter()
+        if rationales is None:
+            probs = self.engine.label_probs(prompts, self.rubric.labels)
+        else:
+            follow_ups = [self.rubric.render_cot_label(p, r) for p, samples in zip(prompts, rationales) for r in samples]
+            flat = self.engine.label_probs(follow_ups, self.rubric.labels)
+            probs = flat.reshape(len(prompts), self.cot_samples, -1).mean(axis=1)  # self-consistency average
+        timings.engine_seconds += time.perf_counter() - started
+        return probs, rationales
+
+    def _rationales(self, prompts: list[ChatPrompt], timings: Timings) -> list[list[str]]:
+        assert self.rubric.cot is not None
+        cot = self.rubric.cot
+        params = GenerationParams(max_new_tokens=cot.max_new_tokens, temperature=cot.temperature,
+                                  n=self.cot_samples, seed=self.seed)
+        started = time.perf_counter()
+        rationales = self.engine.generate(prompts, params)
+        timings.engine_seconds += time.perf_counter() - started
+        return rationales
+
+    def _common_fields(self) -> dict[str, object]:
+        return {"rubric_id": self.rubric.id, "rubric_version": self.rubric.version, "engine": self.engine.engine_id,
+                "model": self.engine.model_name, "mode": self.mode}
+
+
+class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
+    """Soft, position-debiased pairwise preferences. See the module docstring."""
+
+    kind = "pairwise"
+    result_type = PairwiseJudgment
+
+    def __init__(self, engine: Engine, rubric: Rubric | str = "helpfulness", *, mode: Mode = "logprob",
+                 tie_margin: float = 0.05, clamp: tuple[float, float] | None = None,
+                 cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
+        super().__init__(engine, rubric, mode=mode, cache=cache, seed=seed, cot_samples=cot_samples)
+        if not 0.0 <= tie_margin < 0.5:
+            raise ValueError("tie_margin must be in [0, 0.5)")
+        self.tie_margin = tie_margin
+        self.clamp = clamp if clamp is not None else self.rubric.clamp
+
+    def _key_payload(self) -> dict[str, object]:
+        return {**super()._key_payload(), "tie_margin": self.tie_margin, "clamp": self.clamp}
+
+    def _judge_uncached(self, items: Sequence[PairwiseItem], timings: Timings) -> list[PairwiseJudgment]:
+        principles = [self.rubric.select_principles(self.item_key(item), self.seed) for item in items]
+        prompts: list[ChatPrompt] = []
+        owners: list[tuple[int, int]] = []  # (item index, order: 0 = ab, 1 = ba) for each prompt
+        render = self.rubric.render_cot if self.mode == "cot" else self.rubric.render
+        for order in (0, 1):
+            for i, item in enumerate(items):
+                first, second = (item.response_a, item.response_b) if order == 0 else (item.response_b, item.response_a)
+                for principle in principles[i]:
+                    prompts.append(render(prompt=item.prompt, response_a=first, response_b=second, principle=principle))
+                    owners.append((i, order))
+        probs, rationales = self._label_distributions(prompts, timings)  # (P, 2)
+        prob_first = np.zeros((len(items), 2))
+        counts = np.zeros((len(items), 2))
+        first_rationale: dict[tuple[int, int], str] = {}
+        for row, (i, order) in enumerate(owners):
+            p = float(probs[row, 0])
+            if self.clamp is not None:
+                p = float(np.clip(p, *self.clamp))
+            prob_first[i, order] += p
+            counts[i, order] += 1
+            if rationales is not None and (i, order) not in first_rationale:
+                first_rationale[(i, order)] = rationales[row][0]
+        prob_first /= counts  # average over principles
+        return [self._verdict(prob_first[i], principles[i], first_rationale.get((i, 0)), first_rationale.get((i, 1)))
+                for i in range(len(items))]
+
+    def _verdict(self, prob_first: np.ndarray, principles: list[str | None], rationale_ab: str | None,
+                 rationale_ba: str | None) -> PairwiseJudgment:
+        prob_a_ab = float(prob_first[0])
+        prob_a_ba = 1.0 - float(prob_first[1])  # in order "ba", response_a is shown second
+        prob_a = (prob_a_ab + prob_a_ba) / 2.0
+        consistent = (prob_a_ab > 0.5) == (prob_a_ba > 0.5)
+        if not consistent or abs(prob_a - 0.5) < self.tie_margin:
+            preference = Preference.TIE
+        else:
+            preference = Preference.A if prob_a > 0.5 else Preference.B
+        used = [p for p in principles if p is not None]
+        return PairwiseJudgment(
+            prob_a=prob_a, preference=preference, consistent=consistent, margin=abs(prob_a - 0.5) * 2.0,
+            per_order=[OrderJudgment(order="ab", prob_first=float(prob_first[0]), prob_a=prob_a_ab, rationale=rationale_ab),
+                       OrderJudgment(order="ba", prob_first=float(prob_first[1]), prob_a=prob_a_ba, rationale=rationale_ba)],
+            principles=used or None, rationale=rationale_ab, **self._common_fields())
+
+
+class ScoreJudge(_BatchJudge[ScoreItem, ScoreJudgment]):
+    """Direct scores (d-RLAIF): expected score under the label distribution, rescaled to [0, 1]."""
+
+    kind = "score"
+    result_type = ScoreJudgment
+
+    def __init__(self, engine: Engine, rubric: Rubric | str = "score-1-10", *, mode: Mode = "logprob",
+                 cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
+        super().__init__(engine, rubric, mode=mode, cache=cache, seed=seed, cot_samples=cot_samples)
+        self.values = np.asarray(self.rubric.label_values, dtype=np.float64)
+
+    def _judge_uncached(self, items: Sequence[ScoreItem], timings: Timings) -> list[ScoreJudgment]:
+        render: Callable[..., ChatPrompt] = self.rubric.render_cot if self.mode == "cot" else self.rubric.render
+        prompts = [render(prompt=item.prompt, response=item.response) for item in items]
+        probs, rationales = self._label_distributions(prompts, timings)  # (N, L)
+        low, high = float(self.values.min()), float(self.values.max())
+        results = []
+        for row in range(len(items)):
+            expected = float(probs[row] @ self.values)
+            results.append(ScoreJudgment(
+                score=(expected - low) / (high - low), expected_score=expected,
+                label=self.rubric.labels[int(np.argmax(probs[row]))],
+                distribution={label: float(p) for label, p in zip(self.rubric.labels, probs[row])},
+                rationale=rationales[row][0] if rationales is not None else None, **self._common_fields()))
+        return results

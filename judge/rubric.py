@@ -1,0 +1,259 @@
+"""Rubrics: validated, sandboxed prompt templates that turn items into judge prompts.
+
+A rubric is data (one YAML file in `prompts/` or a user's own file) loaded into the
+`Rubric` model below; see `prompts/README.md` for the format. Two safety properties hold
+for every rubric, built-in or not:
+
+- Templates render in Jinja2's `ImmutableSandboxedEnvironment`, so a rubric file cannot
+  reach Python internals, and undefined variables fail loudly (`StrictUndefined`).
+- User text (prompt, responses) is never rendered *as* a template: it is passed as data,
+  wrapped in tag delimiters by `delimit()`, after `neutralize()` has defused anything in it
+  that looks like one of those delimiters or like a chat-template control token. A response
+  therefore cannot close its own block, open a fake one, or inject a system turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import random
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from judge.types import ChatPrompt
+
+
+class RubricError(ValueError):
+    """A rubric file is invalid; the message names the file and the field."""
+
+
+class RubricNotFound(LookupError):
+    """No built-in rubric has this id and no file exists at this path."""
+
+
+# Tag names that wrap user text. `neutralize` defuses any look-alike of these in user text.
+_TAGS = ("user_prompt", "response_a", "response_b", "response", "principle")
+_LOOKALIKE_TAG = re.compile(r"<(?=\s*/?\s*(?:user_prompt|response(?:_a|_b)?|principle|s)\s*[>/\s])", re.IGNORECASE)
+_CONTROL_OPEN = re.compile(r"<(?=\s*\|)")  # ChatML / Llama-3 style control tokens: <|im_end|>, <|eot_id|>
+_CONTROL_CLOSE = re.compile(r"\|(?=\s*>)")
+_INST = re.compile(r"\[(?=\s*/?\s*INST\s*\])", re.IGNORECASE)  # Llama-2 / Mistral turn markers
+
+
+def neutralize(text: str) -> str:
+    """Make user text unable to close or imitate our delimiters or chat control tokens.
+
+    Only the opening character of a look-alike is swapped for a visually similar one
+    (`<` -> `‹`, `|` -> `¦`, `[` -> `⁅`), so the text stays readable for the judge while no
+    longer matching what the template or the tokenizer treat as structure.
+    """
+    text = _LOOKALIKE_TAG.sub("‹", text)
+    text = _CONTROL_OPEN.sub("‹", text)
+    text = _CONTROL_CLOSE.sub("¦", text)
+    return _INST.sub("⁅", text)
+
+
+def delimit(tag: str, text: str) -> str:
+    """Wrap neutralized user text in `<tag>` ... `</tag>` on their own lines."""
+    assert tag in _TAGS, f"unknown delimiter tag {tag!r}"
+    return f"<{tag}>\n{neutralize(text)}\n</{tag}>"
+
+
+class CoTConfig(BaseModel):
+    """Two-step chain of thought (RLAIF §2.1): decode a rationale, then read the label after it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(description="Appended to the task instead of `answer_instruction`: asks for reasoning first.")
+    label_request: str = Field(description="Follow-up user turn after the rationale that asks for the bare label.")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Rationale length cap.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the RLAIF paper's choice).")
+    samples: int = Field(1, ge=1, le=32, description="Self-consistency: rationales per order, label distributions averaged.")
+
+
+class Rubric(BaseModel):
+    """A judge prompt as data. Field docs double as the YAML format reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Stable identifier, used in APIs and cache keys.")
+    version: str = Field(min_length=1, description="Bump whenever the wording changes: cached judgments are keyed by it.")
+    kind: Literal["pairwise", "score"]
+    description: str = ""
+    system: str | None = Field(None, description="System message (plain text, not a template).")
+    template: str = Field(min_length=1, description="Jinja2 user-message template. Variables: prompt, response_a, response_b (pairwise), response (score), principle (constitutions). Each arrives already wrapped in delimiters.")
+    answer_instruction: str = Field(description="Appended to the rendered template in log-prob mode: asks for the bare label.")
+    labels: list[str] = Field(description="Pairwise: exactly two, [first-better, second-better]. Score: the score labels, e.g. '1'..'10'.")
+    label_values: list[float] | None = Field(None, description="Score rubrics: numeric value of each label (default: float(label)).")
+    principles: list[str] | None = Field(None, description="A constitution: one principle is rendered per prompt as `principle`.")
+    principles_per_comparison: int | None = Field(None, ge=1, description="Principles sampled per item (seeded); null = all, averaged.")
+    cot: CoTConfig | None = Field(None, description="Enables `mode=cot`.")
+    clamp: tuple[float, float] | None = Field(None, description="Clip probabilities into [lo, hi] (CAI clamped CoT labels to 0.4-0.6).")
+    source: str = Field("<memory>", description="Where the rubric was loaded from (set by the loader).")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, labels: list[str]) -> list[str]:
+        if len(labels) < 2:
+            raise ValueError("needs at least two labels")
+        if len(set(labels)) != len(labels) or any(not label for label in labels):
+            raise ValueError("labels must be distinct, non-empty strings")
+        return labels
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rubric:
+        if self.kind == "pairwise" and len(self.labels) != 2:
+            raise ValueError("field 'labels': a pairwise rubric has exactly two labels [first-better, second-better]")
+        if self.kind == "score":
+            values = self.label_values
+            if values is None:
+                try:
+                    values = [float(label) for label in self.labels]
+                except ValueError:
+                    raise ValueError("field 'label_values': required when score labels are not numbers") from None
+                object.__setattr__(self, "label_values", values)
+            if len(values) != len(self.labels):
+                raise ValueError("field 'label_values': needs one value per label")
+            if max(values) == min(values):
+                raise ValueError("field 'label_values': values must not all be equal")
+        if self.clamp is not None and not (0.0 <= self.clamp[0] < self.clamp[1] <= 1.0):
+            raise ValueError("field 'clamp': needs 0 <= lo < hi <= 1")
+        needs_principle = "principle" in self.template
+        if needs_principle and not self.principles:
+            raise ValueError("field 'principles': the template uses `principle` but no principles are given")
+        if self.principles and not needs_principle:
+            raise ValueError("field 'template': principles are given but the template never uses `principle`")
+        # Compile now so template errors surface at load time, naming the rubric.
+        try:
+            _environment().from_string(self.template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"field 'template': line {exc.lineno}: {exc.message}") from None
+        return self
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what the judge sees; part of every cache key."""
+        payload = self.model_dump_json(exclude={"source"})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _messages(self, user: str) -> ChatPrompt:
+        messages: ChatPrompt = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system.strip()})
+        messages.append({"role": "user", "content": user})
+        return messages
+
+    def _render_task(self, variables: dict[str, str]) -> str:
+        try:
+            return _environment().from_string(self.template).render(**variables).strip()
+        except jinja2.UndefinedError as exc:
+            raise RubricError(f"{self.source}: field 'template': {exc.message}") from None
+
+    def task_text(self, *, prompt: str, response_a: str | None = None, response_b: str | None = None,
+                  response: str | None = None, principle: str | None = None) -> str:
+        """Render the user task (without the closing instruction); user text is delimited."""
+        variables = {"prompt": delimit("user_prompt", prompt)}
+        if self.kind == "pairwise":
+            assert response_a is not None and response_b is not None, "pairwise rubric needs response_a and response_b"
+            variables["response_a"] = delimit("response_a", response_a)
+            variables["response_b"] = delimit("response_b", response_b)
+        else:
+            assert response is not None, "score rubric needs response"
+            variables["response"] = delimit("response", response)
+        if principle is not None:
+            variables["principle"] = principle  # rubric-author text, not user text
+        return self._render_task(variables)
+
+    def render(self, **kwargs: str | None) -> ChatPrompt:
+        """Chat messages for log-prob mode: task + `answer_instruction`."""
+        return self._messages(f"{self.task_text(**kwargs)}\n\n{self.answer_instruction.strip()}")
+
+    def render_cot(self, **kwargs: str | None) -> ChatPrompt:
+        """Chat messages asking for a rationale (CoT step 1)."""
+        if self.cot is None:
+            raise RubricError(f"{self.source}: rubric '{self.id}' has no 'cot' section, so mode=cot is unavailable")
+        return self._messages(f"{self.task_text(**kwargs)}\n\n{self.cot.instruction.strip()}")
+
+    def render_cot_label(self, cot_messages: ChatPrompt, rationale: str) -> ChatPrompt:
+        """CoT step 2: the rationale as the assistant's turn, then a request for the bare label."""
+        assert self.cot is not None
+        return [*cot_messages, {"role": "assistant", "content": rationale.strip()},
+                {"role": "user", "content": self.cot.label_request.strip()}]
+
+    def select_principles(self, item_key: str, seed: int = 0) -> list[str | None]:
+        """Principles for one item: all, or `principles_per_comparison` sampled with a seed.
+
+        The sample depends only on (seed, item) so re-judging an item (or resuming a job)
+        sees the same principles. Rubrics without principles yield `[None]`.
+        """
+        if not self.principles:
+            return [None]
+        k = self.principles_per_comparison
+        if k is None or k >= len(self.principles):
+            return list(self.principles)
+        digest = hashlib.sha256(f"{seed}:{item_key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        return rng.sample(list(self.principles), k)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                         keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
+
+
+def builtin_rubric_dir() -> Path:
+    """Folder of the rubric YAML files shipped in the `prompts` package."""
+    return Path(str(importlib.resources.files("prompts")))
+
+
+def builtin_rubric_ids() -> list[str]:
+    return sorted(p.stem for p in builtin_rubric_dir().glob("*.yaml"))
+
+
+def load_rubric(id_or_path: str | Path) -> Rubric:
+    """Load a built-in rubric by id, or a rubric YAML file by path.
+
+    Raises `RubricNotFound` for an unknown id/missing file and `RubricError` (naming file and
+    field) for an invalid one.
+    """
+    candidate = Path(id_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.is_file():
+        if not candidate.is_file():
+            raise RubricNotFound(f"rubric file not found: {candidate}")
+        return rubric_from_file(candidate)
+    builtin = builtin_rubric_dir() / f"{id_or_path}.yaml"
+    if not builtin.is_file():
+        raise RubricNotFound(f"unknown rubric {str(id_or_path)!r}; built-in rubrics: {', '.join(builtin_rubric_ids())} (or pass a YAML file path)")
+    return rubric_from_file(builtin)
+
+
+def rubric_from_file(path: Path) -> Rubric:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RubricError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RubricError(f"{path}: expected a mapping of rubric fields at the top level")
+    return rubric_from_mapping(raw, source=str(path))
+
+
+def rubric_from_mapping(raw: dict, source: str = "<memory>") -> Rubric:
+    try:
+        return Rubric.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "(rubric)"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"field '{field}': {message}" if not message.startswith("field '") else message)
+        raise RubricError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_all_builtin() -> dict[str, Rubric]:
+    return {rubric_id: load_rubric(rubric_id) for rubric_id in builtin_rubric_ids()}
