@@ -149,7 +149,6 @@ def read_json_records(path: str | Path) -> list[dict[str, Any]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
-        document = None
         records: list[Any] = []
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -157,7 +156,8 @@ def read_json_records(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_number} is neither part of a JSON document nor a JSON line: {exc}") from None
+                raise ValueError(f"{path}: line {line_number} is neither part of a JSON document "
+                                 f"nor a JSON line: {exc}") from None
     else:
         records = document if isinstance(document, list) else [document]
     for index, record in enumerate(records):
@@ -519,7 +519,7 @@ def load_prompts(source: str | Path, column: str | None = None, limit: int | Non
         try:
             value = get_field(record, steps)
         except _MissingPath:
-            shown = column if column is not None else "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+            shown = column or "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
             raise ValueError(f"{path}: row {row}: no field {shown!r}; fields are {sorted(record)}") from None
         messages: ChatMessages | None = None
         if is_chat_messages(value):
