@@ -57,6 +57,7 @@ def print_json(payload: object) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    register_eval(app)
     judge_app = typer.Typer(help="Judge one item and print the judgment as JSON.", no_args_is_help=True)
     app.add_typer(judge_app, name="judge")
 
@@ -120,3 +121,46 @@ def register(app: typer.Typer) -> None:
 
             print_json([{"id": r.id, "version": r.version, "kind": r.kind, "description": r.description.strip(),
                          "modes": ["logprob", "cot"] if r.cot else ["logprob"]} for r in load_all_builtin().values()])
+
+
+def register_eval(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_command(
+        data: Annotated[Path, typer.Option("--data", help="Human preference file: PandaLM, LLMBar, hh-rlhf or prompt/chosen/rejected jsonl.")],
+        limit: Annotated[Optional[int], typer.Option("--limit", help="Judge only the first N usable pairs.")] = None,
+        rubric: RubricOpt = None,
+        engine: EngineOpt = "default",
+        mode: ModeOpt = "logprob",
+        out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.json, judgments.jsonl and reliability.png.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per judge call.")] = 16,
+        tie_margin: Annotated[float, typer.Option("--tie-margin")] = 0.05,
+        no_cache: NoCacheOpt = False,
+        cache_path: CachePathOpt = None,
+        seed: SeedOpt = 0,
+    ) -> None:
+        """Agreement of the judge with human labels. Prints the report as one JSON line, then a last JSON
+        line with the debiased accuracy (`rlaif eval ... | tail -n1`). Warnings go to stderr."""
+        with user_errors():
+            from tqdm import tqdm
+
+            from judge.data import load_preferences_with_stats
+            from judge.engines import build_engine
+            from judge.evaluation import evaluate
+            from judge.judges import PairwiseJudge
+            from judge.rubric import load_rubric
+
+            if not data.is_file():
+                raise UserError(f"{data}: no such file")
+            loaded_rubric = load_rubric(rubric or "helpfulness")
+            total = len(load_preferences_with_stats(data, limit=limit).examples)
+            judge = PairwiseJudge(build_engine(engine), loaded_rubric, mode=mode, tie_margin=tie_margin,  # type: ignore[arg-type]
+                                  cache=open_cache(no_cache, cache_path), seed=seed)
+            out_dir = out or Path("runs") / "eval" / data.stem
+            with tqdm(total=total, desc="judging pairs", unit="pair", file=sys.stderr) as bar:
+                report, _ = evaluate(judge, data, limit=limit, out_dir=out_dir, batch_size=batch_size, seed=seed,
+                                     progress=bar.update)
+            for warning in report.warnings:
+                typer.echo(f"WARNING: {warning}", err=True)
+            sys.stdout.write(report.model_dump_json() + "\n")
+            sys.stdout.write(json.dumps({"accuracy": report.accuracy, "accuracy_ci95": list(report.accuracy_ci95),
+                                         "n": report.n}) + "\n")

@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +71,9 @@ class PreferenceExample(BaseModel):
     rejected: str = Field(description="The other response.")
     source: str = Field(description="Stem of the file the example came from, e.g. 'llmbar_natural'.")
     id: str = Field(description="Stable id: '<file stem>-<0-based row index in the file>'.")
+    chosen_position: Literal[1, 2] | None = Field(
+        None, description="Where the file showed the preferred response (1 = first) for formats with an order "
+                          "(PandaLM, LLMBar); None when the format lists chosen/rejected by role (hh-rlhf, TRL).")
 
 
 class PreferenceFormat(str, enum.Enum):
@@ -345,6 +348,18 @@ _PARSERS: dict[PreferenceFormat, Callable[[Mapping[str, Any], Path, int], tuple[
 }
 
 
+_FIRST_RESPONSE_FIELD = {PreferenceFormat.PANDALM: "response1", PreferenceFormat.LLMBAR: "output_1"}
+
+
+def _chosen_position(fmt: PreferenceFormat, record: Mapping[str, Any], chosen: str) -> Literal[1, 2] | None:
+    """Original slot of the preferred response, kept so single-order accuracy can be measured in file order."""
+    field = _FIRST_RESPONSE_FIELD.get(fmt)
+    if field is None:
+        return None
+    first = record[field]
+    return 1 if (first if isinstance(first, str) else str(first)).strip() == chosen.strip() else 2
+
+
 def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None (all rows) or >= 0, got {limit}")
@@ -384,7 +399,8 @@ def load_preferences_with_stats(path: str | Path, limit: int | None = None) -> P
         if chosen == rejected:
             dropped[DropReason.IDENTICAL_RESPONSES] += 1
             continue
-        examples.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=stem, id=f"{stem}-{row}"))
+        examples.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=stem, id=f"{stem}-{row}",
+                                          chosen_position=_chosen_position(fmt, record, chosen)))
     if dropped:
         logger.info("%s: dropped %d of %d rows (%s)", path, sum(dropped.values()), rows_read,
                     ", ".join(f"{reason.value}: {count}" for reason, count in dropped.items()))

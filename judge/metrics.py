@@ -268,7 +268,8 @@ def length_controlled_win_rate(win_probs: ArrayLike, length_diffs: ArrayLike, ma
     )
 
 
-def plot_reliability_diagram(bins: Sequence[ReliabilityBin], path: str | Path, title: str = "Reliability diagram") -> Path:
+def plot_reliability_diagram(bins: Sequence[ReliabilityBin], path: str | Path, title: str = "Reliability diagram",
+                             xlabel: str = "predicted P(chosen better)") -> Path:
     """Write a reliability diagram (with per-bin Wilson intervals and counts) as a PNG.
 
     Draws on a bare `matplotlib.figure.Figure`, which renders with Agg, instead of pyplot:
@@ -293,9 +294,10 @@ def plot_reliability_diagram(bins: Sequence[ReliabilityBin], path: str | Path, t
         ax.errorbar(centers, rates, yerr=errors, fmt="none", ecolor="black", capsize=3, linewidth=1)
         ax.plot([b.mean_prob for b in filled], rates, "o", color="tab:red", markersize=4, label="mean predicted")
         ax_counts.bar(centers, [b.count for b in filled], width=widths * 0.9, color="tab:grey")
-        title = f"{title} (ECE {_ece_from_bins(bins):.3f}, n={sum(b.count for b in filled)})"
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="outcome rate", title=title)
+        title = f"{title}\nECE {_ece_from_bins(bins):.3f}, n={sum(b.count for b in filled)}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="outcome rate")
+    ax.set_title(title, fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
-    ax_counts.set(xlabel="predicted P(chosen better)", ylabel="count")
+    ax_counts.set(xlabel=xlabel, ylabel="count")
     fig.savefig(path, format="png", dpi=100)
     return path

@@ -99,10 +99,12 @@ def test_pandalm_hand_checked_rows() -> None:
         rejected="This sound is a positive sound.",
         source="pandalm_testset_v1_sample",
         id="pandalm_testset_v1_sample-88",
+        chosen_position=1,  # response1 won, and the file listed it first
     )
     # Row 0: unanimous (2, 2, 2) -> response2, the shorter rewrite, is chosen; prompt = instruction + input.
     row0 = examples["pandalm_testset_v1_sample-0"]
     assert row0.chosen == "If you have any questions, please let me know."
+    assert row0.chosen_position == 2
     assert row0.rejected == "If you have any questions about my rate, please let me know."
     assert row0.prompt.startswith("The sentence you are given might be too wordy")
     assert row0.prompt.endswith("\n\nIf you have any questions about my rate or if you find it necessary to "
