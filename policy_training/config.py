@@ -184,7 +184,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             hint = f" (did you mean `{close}`?)" if close else ""
             lines.append(f"  {loc}: unknown field{hint}; see `rlaif ppo --help` for the fields")
             continue
-        field = fields.get(str(err["loc"][0])) if err["loc"] else None
+        if not err["loc"]:  # a cross-field check from the model validator: its message says it all
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
+        field = fields.get(str(err["loc"][0]))
         hint = f" -- {field.description}" if field is not None and field.description else ""
         lines.append(f"  {loc}: {msg} (got {err.get('input')!r}){hint}")
     return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Policy training against the judge: reward sources, the PPO/RLOO/GRPO trainer, its CLI.
+
+Modules:
+- `config`    `PPOConfig` (pydantic, YAML-loadable).
+- `ppo_math`  pure functions: GAE, whitening, KL estimators, clipped losses, group baselines.
+- `ppo`       `PPOTrainer`, `ValueModel`, rollout generation, checkpoints, plots.
+- `rewards`   the `RewardSource` protocol and generic sources/wrappers/TRL adapters.
+- `cli`       `register(app)` adds `rlaif ppo`.
+
+Importing the package is cheap; torch loads with `ppo_math`/`ppo`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "PPOConfig": "policy_training.config",
+    "PPOTrainer": "policy_training.ppo",
+    "ValueModel": "policy_training.ppo",
+    "RewardSource": "policy_training.rewards",
+    "FunctionReward": "policy_training.rewards",
+    "WeightedReward": "policy_training.rewards",
+    "RunningNormalizer": "policy_training.rewards",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'policy_training' has no attribute {name!r}")

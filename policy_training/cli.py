@@ -1,0 +1,100 @@
+"""`rlaif ppo`: the policy-training command, registered onto the main Typer app.
+
+    rlaif ppo --config ppo.yaml
+    rlaif ppo --prompts prompts.jsonl --engine default --steps 200 --batch-size 8 --output-dir runs/ppo1
+    rlaif ppo --config ppo.yaml --resume          # continue from the latest checkpoint
+
+Every `PPOConfig` field is also a flag (`batch_size` -> `--batch-size`, booleans as
+`--flag/--no-flag`); flags override the YAML file, which overrides the defaults. The flags
+are generated from the config model, so a new config field is a new flag with its
+description as help text. Importing this module stays light (typer + pydantic): torch and
+transformers load inside the command.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+
+from policy_training.config import ConfigError, PPOConfig
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `ppo` command to `app` (the main `rlaif` CLI calls this)."""
+    app.command("ppo", help="Fine-tune a policy with PPO / RLOO / GRPO against the judge's rewards.",
+                no_args_is_help=False)(_build_ppo_command())
+
+
+def config_from_cli(config_file: Path | None, flags: dict[str, Any]) -> PPOConfig:
+    """Defaults < YAML file < flags actually given on the command line."""
+    given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in flags.items()
+             if v is not None and v != [] and v != ()}
+    if "lora_target_modules" in given:
+        given["lora_target_modules"] = list(given["lora_target_modules"])
+    if config_file is not None:
+        return PPOConfig.from_yaml(config_file, **given)
+    return PPOConfig.validated(given, source="command-line flags")
+
+
+def run_ppo(config: PPOConfig) -> Path:
+    """Build the reward source and trainer from `config` and train; returns the run directory."""
+    from policy_training.ppo import PPOTrainer
+    from policy_training.rewards import build_reward_source
+
+    trainer = PPOTrainer(config, build_reward_source(config))
+    trainer.train(progress=True)
+    return trainer.output_dir
+
+
+def _build_ppo_command() -> Any:
+    parameters = [inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[Path], typer.Option(
+            "--config", help="YAML file of PPOConfig fields; flags given here override it.",
+            exists=True, dir_okay=False)])]
+    for name, field in PPOConfig.model_fields.items():
+        annotation = _cli_type(name, field.annotation)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[annotation], typer.Option(help=field.description)]))
+
+    def ppo(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config")
+        try:
+            config = config_from_cli(config_file, kwargs)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        if config.judge_url is None and config.engine is None:
+            raise typer.BadParameter("no reward source: give --judge-url URL (a running `rlaif serve`) "
+                                     "or --engine SPEC (an in-process judge, e.g. --engine default)")
+        if config.prompts is None:
+            raise typer.BadParameter("no prompts: give --prompts FILE (.jsonl/.json/.txt)")
+        run_dir = run_ppo(config)
+        typer.echo(f"done: metrics, plots and checkpoints in {run_dir}")
+
+    ppo.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    ppo.__doc__ = "Fine-tune a policy with PPO / RLOO / GRPO against the judge's rewards."
+    return ppo
+
+
+def _cli_type(name: str, annotation: Any) -> Any:
+    """Config annotation -> a type typer understands.
+
+    Typer has no `Literal` support, so closed choices become a str-valued Enum (shown as
+    choices in --help); `config_from_cli` turns members back into their values.
+    """
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _cli_type(name, args[0])
+    if origin is Literal:
+        values = [str(a) for a in typing.get_args(annotation)]
+        return enum.Enum(f"{name}_choices", {v: v for v in values}, type=str)
+    if origin is list:
+        return list[args[0]] if args else list[str]
+    return annotation
