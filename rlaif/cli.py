@@ -15,6 +15,8 @@ import typer
 # Each module exposes `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = (
     "judge.cli",
+    "service.cli",
+    "policy_training.cli",
 )
 
 

@@ -1,0 +1,120 @@
+"""`rlaif serve`: run the judge service (uvicorn) on 127.0.0.1:8000 by default.
+
+Flags override `RLAIF_*` environment variables, which override the defaults in
+`service.settings.ServiceSettings`. The HTTP server starts at once (so `/healthz` answers and
+load balancers see a live process) while the model loads in the background; when it is ready
+a working `curl` example is printed. A model that fails to load stops the command with exit
+status 2. Ctrl-C / SIGTERM shuts down gracefully: in-flight batches finish first.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from judge.cli import UserError, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: Annotated[Optional[str], typer.Option("--host", help="Interface to bind (default 127.0.0.1). Use 0.0.0.0 only with --api-keys (or RLAIF_API_KEYS).")] = None,
+        port: Annotated[Optional[int], typer.Option("--port", help="TCP port (default 8000).")] = None,
+        engine: Annotated[Optional[str], typer.Option("--engine", help="Engine spec (default default): default | hf:<id-or-path> | openai:<url>#<model> | vllm:<model>.")] = None,
+        rubric: Annotated[Optional[list[str]], typer.Option("--rubric", help="Default rubric (id or YAML file) for its kind; give twice to set both the pairwise and the score default.")] = None,
+        max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Most items per engine batch (default 32).")] = None,
+        max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms", help="How long a batch waits for more requests (default 10).")] = None,
+        max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Most items waiting for the engine before 429 (default 1024).")] = None,
+        request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds per request before 504 (default 300).")] = None,
+        max_items: Annotated[Optional[int], typer.Option("--max-items", help="Most items per request (default 256).")] = None,
+        max_chars: Annotated[Optional[int], typer.Option("--max-chars", help="Longest text field in characters (default 32000).")] = None,
+        api_keys: Annotated[Optional[str], typer.Option("--api-keys", help="Comma-separated bearer keys (prefer RLAIF_API_KEYS: flags show up in `ps`).")] = None,
+        cache_path: Annotated[Optional[Path], typer.Option("--cache-path", help="Judgment cache file (default $RLAIF_CACHE_DIR/judgments.sqlite).")] = None,
+        no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the judgment cache.")] = False,
+        reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="Serve a distilled reward model directory in /v1/rewards (mode=reward_model) and /get_reward.")] = None,
+        log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical | error | warning | info | debug (debug adds access logs).")] = "info",
+    ) -> None:
+        """Serve the judge over HTTP: pairwise, score, trainer rewards, OpenRLHF /get_reward, metrics."""
+        with user_errors():
+            import uvicorn
+
+            from judge.engines import parse_engine_spec
+            from service.app import create_app
+            from service.settings import ServiceSettings
+
+            overrides: dict[str, object] = {key: value for key, value in {
+                "host": host, "port": port, "engine": engine, "max_batch_size": max_batch_size,
+                "max_wait_ms": max_wait_ms, "max_queue": max_queue, "request_timeout": request_timeout,
+                "max_items": max_items, "max_chars": max_chars, "api_keys": api_keys, "cache_path": cache_path,
+                "reward_model": reward_model}.items() if value is not None}
+            if no_cache:
+                overrides["cache"] = False
+            overrides.update(_rubric_defaults(rubric or []))
+            settings = ServiceSettings(**overrides)  # type: ignore[arg-type]
+            parse_engine_spec(settings.engine)  # a typo fails now, not after the server started
+            if reward_model is not None and not reward_model.is_dir():
+                raise UserError(f"--reward-model {reward_model}: not a directory")
+            if not settings.is_loopback and not settings.key_list():
+                typer.echo(f"warning: binding {settings.host} without API keys: anyone who can reach this port can use "
+                           "the judge; set RLAIF_API_KEYS", err=True)
+            app = create_app(settings)
+            server = uvicorn.Server(uvicorn.Config(
+                app, host=settings.host, port=settings.port, log_level=log_level, access_log=log_level == "debug",
+                timeout_graceful_shutdown=int(settings.request_timeout) + 1))
+            outcome: dict[str, str] = {}
+            threading.Thread(target=_announce_when_ready, args=(app.state.runtime, server, settings, outcome),
+                             name="rlaif-serve-ready", daemon=True).start()
+            typer.echo(f"loading engine {settings.engine!r}; http://{_display_host(settings.host)}:{settings.port}/readyz "
+                       "turns 200 when the model is ready", err=True)
+            server.run()
+            if "error" in outcome:
+                raise UserError(outcome["error"])
+
+
+def _rubric_defaults(refs: list[str]) -> dict[str, str]:
+    """Map each `--rubric` to the default of its kind (pairwise or score)."""
+    from judge.rubric import load_rubric
+
+    chosen: dict[str, str] = {}
+    for ref in refs:
+        rubric = load_rubric(ref)
+        field = f"{rubric.kind}_rubric"
+        if field in chosen:
+            raise UserError(f"--rubric given twice for {rubric.kind} rubrics ({chosen[field]!r}, {ref!r}); "
+                            "give at most one pairwise and one score rubric")
+        chosen[field] = ref
+    return chosen
+
+
+def _display_host(host: str) -> str:
+    if host in {"0.0.0.0", ""}:
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce_when_ready(runtime, server, settings, outcome: dict[str, str]) -> None:
+    """Print a curl example once the model is ready, or stop the server if it failed to load."""
+    runtime.ready_event.wait()
+    if runtime.status != "ready":
+        outcome["error"] = runtime.message or "model loading failed"
+        server.should_exit = True
+        return
+    port = settings.port
+    for listener in getattr(server, "servers", []) or []:  # --port 0: report the port actually bound
+        for sock in getattr(listener, "sockets", []) or []:
+            port = sock.getsockname()[1]
+    base = f"http://{_display_host(settings.host)}:{port}"
+    body = json.dumps({"items": [{"prompt": "What is the capital of France?", "response_a": "Paris.",
+                                  "response_b": "I think it is Lyon."}]})
+    auth = " -H \"Authorization: Bearer $RLAIF_API_KEY\"" if settings.key_list() else ""
+    print(f"\nrlaif judge service ready at {base} (docs: {base}/docs). Try:\n\n"
+          f"  curl -s {base}/v1/judge/pairwise -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}\n",
+          file=sys.stdout, flush=True)
