@@ -16,6 +16,7 @@ import typer
 COMMAND_MODULES = (
     "judge.cli",
     "service.cli",
+    "judge.labeling.cli",
     "policy_training.cli",
 )
 

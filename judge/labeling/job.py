@@ -1,0 +1,302 @@
+"""Plumbing shared by `rlaif label` and `rlaif best-of-n`: output directory, prompt source,
+fixed batches, the persisted generation stage, progress bar and dataset writing.
+
+Determinism contract (what makes kill-and-resume produce the same dataset):
+- prompts are cut into fixed slices of `batch_size` (batch i = prompts[i*B:(i+1)*B]);
+- batch i samples with seed `derive_seed(seed, "batch", i)`, so a batch's samples depend
+  only on its own prompts and index, never on what ran before it in this process;
+- every stage of a batch is committed atomically (`ProgressStore`), and a half-done stage is
+  redone whole, with the same inputs;
+- the dataset is built from the store alone, after all batches are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from judge.labeling.config import _JobConfig
+from judge.labeling.pairs import derive_seed
+from judge.labeling.store import STORE_FILE, ProgressStore, ResumeConflict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset, Features
+
+    from judge.data import PromptRecord
+    from judge.labeling.backends import Models
+    from judge.types import ChatPrompt
+
+logger = logging.getLogger(__name__)
+
+DATASET_DIR = "dataset"
+CARD_FILE = "README.md"
+SUMMARY_FILE = "summary.json"
+CACHE_FILE = "judgments.sqlite"
+LOCK_FILE = ".lock"
+EXPORT_FILES = {"jsonl": "data.jsonl", "parquet": "data.parquet"}
+_OWNED = {STORE_FILE, CACHE_FILE, DATASET_DIR, CARD_FILE, SUMMARY_FILE, LOCK_FILE, *EXPORT_FILES.values()}
+_SQLITE_SIDECARS = ("", "-wal", "-shm", "-journal")
+
+
+# ---------------------------------------------------------------------------------- source
+@dataclass
+class Source:
+    """The job's prompts (and, for relabeling, their existing responses), in a fixed order."""
+
+    prompts: list[PromptRecord]
+    responses: list[list[str]] | None = None
+    missing_responses: int = 0
+    digest: str = ""
+
+
+def load_source(config: _JobConfig) -> Source:
+    """Load prompts with `judge.data.load_prompts`; with `responses_from`, join the response columns by id.
+
+    Each response column is read with the same loader (`column=<name>`), which keeps one
+    reader for every format; rows are joined on the record id. A prompt missing any of its
+    responses is left out and counted. A chat-formatted response cell yields its last
+    assistant message.
+    """
+    from judge.data import load_prompts
+
+    prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit)
+    if not prompts:
+        raise ValueError(f"{config.prompts}: no usable prompts (all empty, or limit=0)")
+    responses: list[list[str]] | None = None
+    missing = 0
+    columns = getattr(config, "responses_from", None)
+    if columns:
+        by_column = [{record.id: _response_text(record) for record in load_prompts(config.prompts, column=column)}
+                     for column in columns]
+        kept, responses = [], []
+        for record in prompts:
+            texts = [table.get(record.id) for table in by_column]
+            if any(text is None for text in texts):
+                missing += 1
+                continue
+            kept.append(record)
+            responses.append(texts)  # type: ignore[arg-type]
+        if not kept:
+            raise ValueError(f"{config.prompts}: no prompt has a non-empty value in every column of {list(columns)}")
+        prompts = kept
+    digest = hashlib.sha256(json.dumps([[p.id, p.text, p.messages] for p in prompts] + [responses],
+                                       ensure_ascii=False).encode()).hexdigest()
+    return Source(prompts=prompts, responses=responses, missing_responses=missing, digest=digest)
+
+
+def _response_text(record: PromptRecord) -> str:
+    if record.messages:
+        assistant = [m["content"] for m in record.messages if m["role"] == "assistant"]
+        if assistant:
+            return assistant[-1]
+    return record.text
+
+
+def chat_of(record: PromptRecord) -> ChatPrompt:
+    """The conversation the policy continues: the source's messages, or one user turn."""
+    return [dict(m) for m in record.messages] if record.messages else [{"role": "user", "content": record.text}]
+
+
+def rubric_identity(rubric: str, judge_url: str | None) -> str:
+    """A rubric as it enters the job identity: id@version:fingerprint locally (a file edit changes
+    it), the bare id for a service (the server owns its rubrics)."""
+    if judge_url is not None:
+        return rubric
+    from judge.rubric import load_rubric
+
+    loaded = load_rubric(rubric)
+    return f"{loaded.id}@{loaded.version}:{loaded.fingerprint}"
+
+
+def make_batches(n_prompts: int, batch_size: int) -> list[range]:
+    return [range(start, min(start + batch_size, n_prompts)) for start in range(0, n_prompts, batch_size)]
+
+
+# ---------------------------------------------------------------------------------- output dir
+@contextlib.contextmanager
+def open_job(config: _JobConfig, identity: dict[str, object]) -> Iterator[tuple[ProgressStore, bool]]:
+    """Lock `config.out`, honour --overwrite, open the progress store and check the job identity.
+
+    Yields (store, resumed). The lock is an `flock`, which the kernel drops when the process
+    dies, so a SIGKILLed job never leaves a stale lock behind.
+    """
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise ResumeConflict(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ResumeConflict(f"another labeling job is running in {out}; wait for it or choose another --out") from None
+    try:
+        if config.overwrite:
+            _remove_outputs(out, remove_cache=config.cache_path is None)
+        elif not (out / STORE_FILE).exists():
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)
+            if foreign:
+                raise ResumeConflict(f"{out} is not empty ({', '.join(foreign[:5])}) and holds no labeling job; choose a "
+                                     "new --out directory, or pass --overwrite to write into it anyway (only the files "
+                                     "this command writes are replaced; nothing else there is touched)")
+        store = ProgressStore(out / STORE_FILE)
+        try:
+            resumed = store.check_identity(identity)
+            store.start_session()
+            yield store, resumed
+        finally:
+            store.close()
+    finally:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
+
+
+def _remove_outputs(out: Path, *, remove_cache: bool) -> None:
+    """Delete what a previous job wrote in `out` (only files this package names)."""
+    for name in (STORE_FILE, CACHE_FILE) if remove_cache else (STORE_FILE,):
+        for suffix in _SQLITE_SIDECARS:
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
+    for name in (CARD_FILE, SUMMARY_FILE, *EXPORT_FILES.values()):
+        (out / name).unlink(missing_ok=True)
+    if (out / DATASET_DIR).is_dir():
+        shutil.rmtree(out / DATASET_DIR)
+    _remove_partial_writes(out)
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Temporary outputs of an interrupted write (`dataset.tmp-<pid>`, `data.jsonl.tmp`, ...)."""
+    for stale in [*out.glob(f"{DATASET_DIR}.tmp-*"), *out.glob(f"{DATASET_DIR}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for name in (CARD_FILE, SUMMARY_FILE, *EXPORT_FILES.values()):
+        (out / f"{name}.tmp").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- running
+@dataclass
+class SessionCounters:
+    """What this process did (as opposed to what was loaded from the store)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    prompts: int = 0
+    samples: int = 0
+    judgments: int = 0
+    generate_seconds: float = 0.0
+    judge_seconds: float = 0.0
+
+    def rates(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self.started
+        return {"session_seconds": round(wall, 3),
+                "prompts_per_s": round(self.prompts / wall, 4) if self.prompts and wall > 0 else None,
+                "samples_per_s": round(self.samples / self.generate_seconds, 4) if self.generate_seconds else None,
+                "judgments_per_s": round(self.judgments / self.judge_seconds, 4) if self.judge_seconds else None}
+
+
+def ensure_responses(store: ProgressStore, models: Models, config: _JobConfig, source: Source, batch: int,
+                     indices: range, counters: SessionCounters) -> dict[int, list[str]]:
+    """The batch's samples: from the store, from the source columns, or generated and persisted now."""
+    if store.stage_done(batch, "generate"):
+        return store.load_responses(indices)
+    if source.responses is not None:
+        responses = {i: source.responses[i] for i in indices}
+        store.save_responses(batch, responses, 0.0, fresh=False)
+        return responses
+    from judge.engines.base import GenerationParams
+
+    n: int = config.n  # type: ignore[attr-defined]
+    params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                              n=n, seed=derive_seed(config.seed, "batch", batch))
+    policy = models.policy
+    started = time.perf_counter()
+    texts = policy.generate([chat_of(source.prompts[i]) for i in indices], params)
+    seconds = time.perf_counter() - started
+    assert len(texts) == len(indices) and all(len(t) == n for t in texts), "engine returned the wrong number of samples"
+    responses = dict(zip(indices, texts))
+    if store.get_meta("policy_model") is None:
+        store.set_meta("policy_model", policy.model_name)
+    store.save_responses(batch, responses, seconds)
+    counters.samples += n * len(indices)
+    counters.generate_seconds += seconds
+    return responses
+
+
+def progress_bar(config: _JobConfig, total: int, initial: int, desc: str):
+    """tqdm on stderr with rate and ETA; the rate counts only this session's prompts."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                disable=not config.progress, smoothing=0.1)
+
+
+# ---------------------------------------------------------------------------------- writing
+def write_outputs(out: Path, rows: Sequence[dict], features: Features, exports: Sequence[str]) -> tuple[Dataset, dict[str, str]]:
+    """Save the dataset (`save_to_disk`) and its flat exports, each swapped in atomically.
+
+    Written to temporary names first and renamed, so a crash while writing leaves the
+    previous complete output (or none), never a truncated one.
+    """
+    from datasets import Dataset
+    from datasets.utils import logging as datasets_logging
+
+    # datasets' own "Saving the dataset" bars would interleave with the job's bar and JSON summary.
+    bars_were_on = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        return _write_outputs(out, rows, features, exports)
+    finally:
+        if bars_were_on:
+            datasets_logging.enable_progress_bar()
+
+
+def _write_outputs(out: Path, rows: Sequence[dict], features: Features, exports: Sequence[str]) -> tuple[Dataset, dict[str, str]]:
+    from datasets import Dataset
+
+    # Column-wise construction: `from_list([])` loses the schema, and an empty dataset saved with
+    # zero shards cannot be loaded back; one explicit shard keeps empty outputs loadable.
+    _remove_partial_writes(out)  # a run killed while writing leaves these; the job lock makes this safe
+    dataset = Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+    tmp = out / f"{DATASET_DIR}.tmp-{os.getpid()}"
+    dataset.save_to_disk(str(tmp), num_shards=None if rows else 1)
+    target = out / DATASET_DIR
+    if target.exists():
+        old = out / f"{DATASET_DIR}.old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+    paths = {"dataset": str(target)}
+    for kind in exports:
+        path = out / EXPORT_FILES[kind]
+        partial = path.with_name(path.name + ".tmp")
+        if kind == "jsonl":
+            dataset.to_json(str(partial), lines=True, force_ascii=False)
+        else:
+            dataset.to_parquet(str(partial))
+        os.replace(partial, path)
+        paths[kind] = str(path)
+    return dataset, paths
+
+
+def write_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def time_stats(store: ProgressStore) -> dict[str, float]:
+    sessions, seconds = store.session_stats()
+    totals = store.stage_totals()
+    return {"sessions": sessions, "wall_seconds": round(seconds, 3),
+            **{f"{stage}_seconds": round(values["seconds"], 3) for stage, values in totals.items()}}
+
