@@ -5,6 +5,8 @@ Modules:
 - `ppo_math`  pure functions: GAE, whitening, KL estimators, clipped losses, group baselines.
 - `ppo`       `PPOTrainer`, `ValueModel`, rollout generation, checkpoints, plots.
 - `rewards`   the `RewardSource` protocol and generic sources/wrappers/TRL adapters.
+- `judge_rewards`  `LocalJudgeReward` / `HTTPJudgeReward`: the judge (in process / service) as reward.
+- `winrate`   judged win rate of a trained policy vs its base (`rlaif winrate`, `winrate_cli`).
 - `cli`       `register(app)` adds `rlaif ppo`.
 
 Importing the package is cheap; torch loads with `ppo_math`/`ppo`.
@@ -22,6 +24,8 @@ _LAZY = {
     "FunctionReward": "policy_training.rewards",
     "WeightedReward": "policy_training.rewards",
     "RunningNormalizer": "policy_training.rewards",
+    "LocalJudgeReward": "policy_training.judge_rewards",
+    "HTTPJudgeReward": "policy_training.judge_rewards",
 }
 
 __all__ = sorted(_LAZY)

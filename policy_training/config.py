@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Estimator = Literal["ppo", "rloo", "grpo"]
 
@@ -61,9 +61,29 @@ class PPOConfig(BaseModel):
     judge_url: str | None = Field(None, description="URL of a running `rlaif serve` judge service to score responses.")
     engine: str | None = Field(None, description=(
         "Engine spec for an in-process judge (`default`, `hf:<model>`, `vllm:<model>`, `openai:<url>#<model>`)."))
-    rubric: str | None = Field(None, description="Rubric id from the built-in library or path to a rubric YAML; unset = the judge's default.")
+    rubric: str | None = Field(None, description=(
+        "Rubric id (built-in library) or rubric YAML path; unset = the judge's default for reward_mode. Several "
+        "rubrics are combined as a weighted sum: `helpfulness:0.7,harmlessness:0.3` (in YAML also a list of "
+        "`id:weight` strings or a mapping id: weight). A sample missing any component gets no reward."))
     reward_mode: Literal["score", "pairwise"] = Field("score", description=(
-        "`score`: the judge's rescaled score of each response; `pairwise`: win probability against a reference response."))
+        "`score`: the judge's rescaled score of each response (d-RLAIF); `pairwise`: win probability against a "
+        "reference response (the frozen initial policy's greedy answer, or reference_column)."))
+    reward_scale: Literal["unit", "signed"] = Field("unit", description=(
+        "Judge rewards in [0, 1] (`unit`) or rescaled to [-1, 1] as 2r - 1 (`signed`, d-RLAIF's range)."))
+    judge_mode: Literal["logprob", "cot"] = Field("logprob", description=(
+        "`logprob`: read the label distribution directly; `cot`: generate a rationale first (the rubric needs a cot section)."))
+    reference_column: str | None = Field(None, description=(
+        "reward_mode pairwise: column of the prompt file holding each prompt's reference response; unset = the "
+        "frozen initial policy's greedy response, generated once per prompt by the trainer."))
+    judge_timeout: float = Field(300.0, gt=0, description=(
+        "judge_url: seconds one HTTP request may take; a request that times out leaves its samples without reward."))
+    judge_retries: int = Field(4, ge=0, description=(
+        "judge_url: extra attempts (exponential backoff, honouring Retry-After) on 429/503/connection errors."))
+    judge_concurrency: int = Field(4, ge=1, description=(
+        "judge_url: requests in flight at once (one per rubric and chunk); the service batches them together."))
+    judge_api_key_env: str = Field("RLAIF_JUDGE_API_KEY", description=(
+        "judge_url: environment variable holding the service's bearer token (the key itself never goes in a config "
+        "file, which is copied into every checkpoint)."))
     normalize_rewards: bool = Field(False, description="Normalize rewards with running mean/std before use.")
     reward_clip: float | None = Field(None, gt=0, description="Clip (normalized) rewards to [-reward_clip, reward_clip]; unset = no clipping.")
     on_missing_reward: Literal["fail", "skip"] = Field("fail", description=(
@@ -78,6 +98,13 @@ class PPOConfig(BaseModel):
         "`grpo`: group-normalized advantages with a k3 KL loss (Shao et al. 2024)."))
     group_size: int = Field(1, ge=1, description=(
         "Responses sampled per prompt. rloo and grpo need >= 2; ppo may use any value."))
+
+    value_model: Literal["separate", "shared"] = Field("separate", description=(
+        "ppo critic: `separate` = its own copy of the policy trunk with a scalar head (TRL 1.12's layout; value "
+        "updates cannot disturb the policy); `shared` = a scalar head on the policy's last hidden state, trained "
+        "through the policy trunk with weight vf_coef (TRL <= 0.11's value head, trlx): one forward and one "
+        "backward per micro-batch instead of two, about half the update time and one model less in memory."))
+    vf_coef: float = Field(0.1, ge=0, description="value_model shared: weight of the value loss in the joint loss.")
 
     # --- schedule
     steps: int = Field(100, ge=1, description="Training steps; each step samples `batch_size` prompts.")
@@ -123,6 +150,17 @@ class PPOConfig(BaseModel):
     log_samples: int = Field(2, ge=0, description="Prompt/response/reward examples written to samples.jsonl per logged step.")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when the `tensorboard` package is installed.")
 
+    @field_validator("rubric", mode="before")
+    @classmethod
+    def _rubric_weights_to_text(cls, value: Any) -> Any:
+        """A YAML list (`[helpfulness:0.7, harmlessness:0.3]`) or mapping (`{helpfulness: 0.7}`) becomes the
+        one-line form, so the field, its CLI flag and checkpoints all hold one spelling."""
+        if isinstance(value, dict):
+            return ",".join(f"{k}:{v}" for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> PPOConfig:
         if self.estimator in ("rloo", "grpo") and self.group_size < 2:
@@ -138,6 +176,12 @@ class PPOConfig(BaseModel):
                 f"gradient_accumulation_steps, or raise batch_size")
         if self.judge_url is not None and self.engine is not None:
             raise ValueError("give either judge_url or engine, not both")
+        if self.reference_column is not None and self.reward_mode != "pairwise":
+            raise ValueError("reference_column only applies to reward_mode: pairwise; remove it or set reward_mode: pairwise")
+        if self.rubric is not None:
+            from policy_training.judge_rewards import parse_rubric_weights
+
+            parse_rubric_weights(self.rubric)  # raises ValueError with the accepted forms
         return self
 
     @classmethod
@@ -198,3 +242,35 @@ def _closest(name: str, candidates: list[str]) -> str | None:
 
     match = difflib.get_close_matches(name, candidates, n=1)
     return match[0] if match else None
+
+
+def config_reference_markdown() -> str:
+    """The field reference of `PPOConfig` as a Markdown table, generated from the field descriptions.
+
+    docs/ppo.md embeds this output, so the documentation cannot drift from the code:
+    `python -m policy_training.config --markdown`.
+    """
+    import json
+    import typing
+
+    def type_name(annotation: Any) -> str:
+        if typing.get_origin(annotation) is Literal:
+            return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+        text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+        return f"`{text or str(annotation).replace('typing.', '')}`".replace("|", "\\|")  # | would end the cell
+
+    lines = ["| field | type | default | description |", "|---|---|---|---|"]
+    for name, field in PPOConfig.model_fields.items():
+        default = json.dumps(field.default)
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | {type_name(field.annotation)} | `{default}` | {description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the PPOConfig field reference.")
+    parser.add_argument("--markdown", action="store_true", help="as a Markdown table (the only format)")
+    parser.parse_args()
+    print(config_reference_markdown())

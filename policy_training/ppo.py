@@ -8,13 +8,19 @@ One training step (Ziegler et al. 2019 / Stiennon et al. 2020 recipe, arithmetic
 2. score them with the reward source (missing scores follow `on_missing_reward`);
 3. one no-grad forward pass of policy, frozen reference and (ppo) value model over
    prompt + response with explicit attention masks: left-padded prompts, right-padded
-   responses, every token after the first EOS masked out;
+   responses, every token after the first EOS masked out. With `value_model: shared` the
+   values come from a head on the policy's last hidden state, in the policy's own pass;
 4. advantages: ppo = per-token reward -beta*KL plus the score at the last response token,
    then GAE (Schulman et al. 2015) and whitening; rloo = leave-one-out baseline on
    score - beta*sum KL (Ahmadian et al. 2024); grpo = group-normalized score with a k3 KL
    loss (Shao et al. 2024);
 5. `ppo_epochs` passes over shuffled minibatches with the clipped surrogate (Schulman et
    al. 2017), clipped value loss, gradient accumulation, gradient clipping, AdamW.
+
+Reward sources may ask for more than (prompt, response): a source with `needs_reference`
+gets `reference_responses` (the frozen initial policy's greedy answers, cached per prompt)
+through `set_reference_generator`, for pairwise rewards against the starting point; its
+`last_metrics` / `last_components` (e.g. judge latency, per-rubric rewards) are logged.
 
 Metrics go to `<output_dir>/metrics.jsonl` (one JSON object per step), TensorBoard when
 installed, and `training_curves.png`; checkpoints to `<output_dir>/checkpoint-{step}/`.
@@ -39,6 +45,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -71,7 +78,7 @@ from policy_training.ppo_math import (
     rloo_advantages,
     value_loss,
 )
-from policy_training.rewards import RewardSource
+from policy_training.rewards import RewardSource, iter_reward_sources
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +170,7 @@ class ValueModel(nn.Module):
         super().__init__()
         self.trunk = trunk
         hidden = hidden_size or trunk.config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1, dtype=torch.float32)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = _zero_linear(hidden)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """(B, L) token ids -> (B, L) values."""
@@ -190,6 +195,14 @@ class ValueModel(nn.Module):
         model = cls(trunk)
         model.head.load_state_dict(load_file(str(Path(path) / VALUE_HEAD_FILE)))
         return model
+
+
+def _zero_linear(hidden: int) -> nn.Linear:
+    """A float32 scalar head starting at 0, so initial values are 0 rather than noise to unlearn."""
+    head = nn.Linear(hidden, 1, dtype=torch.float32)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -238,6 +251,13 @@ class PPOTrainer:
     """
 
     def __init__(self, config: PPOConfig, reward_source: RewardSource, prompts: Sequence[str] | None = None) -> None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:
+            # Under `accelerate launch` / torchrun every process would run its own unsynchronized copy
+            # of the run into the same output_dir; refuse rather than silently train N diverging policies.
+            raise ConfigError(f"PPOTrainer is single-process, but WORLD_SIZE={world_size}: launch one process "
+                              f"(device: cuda for a GPU), or use TRL's trainers with policy_training.rewards."
+                              f"trl_reward_func for multi-GPU data parallelism (see docs/ppo.md, Scale-out)")
         self.config = config
         self.reward_source = reward_source
         if prompts is None:
@@ -268,12 +288,20 @@ class PPOTrainer:
         checkpoint = self.latest_checkpoint(self.output_dir) if config.resume else None
         if config.resume and checkpoint is None:
             logger.info("resume requested but %s holds no complete checkpoint; starting fresh", self.output_dir)
+        if checkpoint is not None:
+            self._check_resumable(checkpoint)
         self._build_models(checkpoint)
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         if checkpoint is not None:
             self._load_state(checkpoint)
         self._tb = self._make_tensorboard()
+        # Pairwise judge rewards compare each response with the initial policy's answer to the
+        # same prompt; sources that ask for it (`needs_reference`) get our cached generator.
+        self._reference_cache: dict[str, str] = {}
+        for source in iter_reward_sources(reward_source):
+            if getattr(source, "needs_reference", False):
+                source.set_reference_generator(self.reference_responses)
 
     # --------------------------------------------------------------- construction
 
@@ -293,7 +321,16 @@ class PPOTrainer:
         assert tokenizer.pad_token_id not in self.eos_ids, "pad token must differ from EOS (see judge.models)"
 
         self.value_model: ValueModel | None = None
-        if cfg.estimator == "ppo":
+        self.value_head: nn.Linear | None = None
+        if cfg.estimator == "ppo" and cfg.value_model == "shared":
+            # V(s) read from the policy's own last hidden state: one forward serves both.
+            self.value_head = _zero_linear(base.config.get_text_config().hidden_size)
+            if checkpoint is not None:
+                from safetensors.torch import load_file
+
+                self.value_head.load_state_dict(load_file(str(checkpoint / VALUE_HEAD_FILE)))
+            self.value_head.to(self.device)
+        elif cfg.estimator == "ppo":
             if checkpoint is not None:
                 self.value_model = ValueModel.from_pretrained(checkpoint / "value", dtype=self.dtype)
             else:
@@ -326,7 +363,10 @@ class PPOTrainer:
 
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         assert policy_params, "the policy has no trainable parameters"
-        self.policy_optimizer = torch.optim.AdamW(policy_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        groups: list[dict[str, Any]] = [{"params": policy_params}]
+        if self.value_head is not None:
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.value_learning_rate or cfg.learning_rate})
+        self.policy_optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.value_optimizer = None
         if self.value_model is not None:
             self.value_optimizer = torch.optim.AdamW(
@@ -368,35 +408,49 @@ class PPOTrainer:
         # Keep the end of over-long prompts: it holds the question and the generation prompt.
         return ids[-self.config.max_prompt_length:]
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str]) -> Rollout:
-        """Sample one response per entry of `prompts` from the current policy."""
+    def _encode_batch(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, (N, P): generation continues right after each prompt."""
+        encoded = [self._encode_prompt(p) for p in prompts]
+        P = max(len(ids) for ids in encoded)
+        query_ids = torch.full((len(prompts), P), self.tokenizer.pad_token_id, dtype=torch.long)
+        query_mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            query_ids[i, P - len(ids):] = torch.tensor(ids)
+            query_mask[i, P - len(ids):] = 1
+        return query_ids.to(self.device), query_mask.to(self.device)
+
+    def _generation_config(self, sample: bool) -> Any:
+        """Every decoding knob set explicitly: the model's own generation_config (often top_k=50,
+        repetition penalties) must not alter the distribution we compute log-probs of."""
         from transformers import GenerationConfig
 
         cfg = self.config
-        encoded = [self._encode_prompt(p) for p in prompts]
-        P = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        query_ids = torch.full((len(prompts), P), pad, dtype=torch.long)
-        query_mask = torch.zeros((len(prompts), P), dtype=torch.long)
-        for i, ids in enumerate(encoded):  # left padding: generation continues right after the prompt
-            query_ids[i, P - len(ids):] = torch.tensor(ids)
-            query_mask[i, P - len(ids):] = 1
-        query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
-
-        # Every sampling knob is set explicitly: the model's own generation_config (often
-        # top_k=50, repetition penalties) must not alter the distribution we compute log-probs of.
-        gen_config = GenerationConfig(
-            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, typical_p=1.0,
+        knobs: dict[str, Any] = dict(
             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=self.eos_ids, pad_token_id=pad, use_cache=True)
-        generator_model = self.policy.get_base_model() if cfg.lora_r is not None else self.policy
+            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
+        if sample:
+            knobs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, typical_p=1.0)
+        else:
+            knobs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return GenerationConfig(**knobs)
+
+    def _run_generate(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, gen_config: Any) -> Tensor:
+        """`model.generate` with `gen_config` as the model's own config for the call; returns (N, P + R) ids."""
+        generator_model = model.get_base_model() if self.config.lora_r is not None else model
         saved_config = generator_model.generation_config
         generator_model.generation_config = gen_config
         try:
-            out = self.policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)
+            return model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)
         finally:
             generator_model.generation_config = saved_config
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> Rollout:
+        """Sample one response per entry of `prompts` from the current policy."""
+        query_ids, query_mask = self._encode_batch(prompts)
+        P = query_ids.shape[1]
+        pad = self.tokenizer.pad_token_id
+        out = self._run_generate(self.policy, query_ids, query_mask, self._generation_config(sample=True))
         response_ids = out[:, P:]  # (N, R)
         if response_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keeps shapes honest
             response_ids = torch.full((len(prompts), 1), self.eos_ids[0], dtype=torch.long, device=self.device)
@@ -410,25 +464,65 @@ class PPOTrainer:
         # Generation pads finished rows with the pad id; normalize anyway so nothing after EOS leaks.
         response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, pad))
 
+        texts = self._decode(response_ids, response_mask)
+        return Rollout(list(prompts), texts, query_ids, query_mask, response_ids, response_mask, has_eos)
+
+    def _decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         texts = []
         for row, mask in zip(response_ids.tolist(), response_mask.tolist()):
             kept = [t for t, m in zip(row, mask) if m and t not in self.eos_ids]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
-        return Rollout(list(prompts), texts, query_ids, query_mask, response_ids, response_mask, has_eos)
+        return texts
+
+    @torch.no_grad()
+    def reference_responses(self, prompts: Sequence[str]) -> list[str]:
+        """The frozen initial policy's greedy response to each prompt, generated once per distinct prompt.
+
+        Pairwise judge rewards compare each sampled response with this answer (RLAIF §3.1's
+        "win rate against the SFT policy" as a reward). Greedy decoding makes the baseline a
+        fixed target, so caching it per prompt is exact and a resumed run regenerates the same
+        text; it costs one generation per prompt over the whole run, not per step.
+        """
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._reference_cache))
+        for start in range(0, len(todo), self.config.forward_batch_size):
+            chunk = todo[start:start + self.config.forward_batch_size]
+            query_ids, query_mask = self._encode_batch(chunk)
+            gen_config = self._generation_config(sample=False)
+            if self.ref_model is None:  # LoRA: the reference is the policy with its adapter off
+                with self.policy.disable_adapter():
+                    out = self._run_generate(self.policy, query_ids, query_mask, gen_config)
+            else:
+                out = self._run_generate(self.ref_model, query_ids, query_mask, gen_config)
+            response_ids = out[:, query_ids.shape[1]:]  # (n, R)
+            is_eos = torch.isin(response_ids, torch.tensor(self.eos_ids, device=response_ids.device))  # (n, R)
+            # Keep tokens before the first EOS: cumsum is 0 exactly there.
+            mask = is_eos.int().cumsum(dim=1) == 0  # (n, R)
+            self._reference_cache.update(zip(chunk, self._decode(response_ids, mask)))
+        return [self._reference_cache[p] for p in prompts]
 
     # --------------------------------------------------------------- forward passes
 
     def _policy_logits(self, model: nn.Module, rollout: Rollout, idx: Tensor) -> Tensor:
         """Temperature-scaled next-token logits at each response position: (n, R, V)."""
+        return self._policy_forward(model, rollout, idx, with_values=False)[0]
+
+    def _policy_forward(self, model: nn.Module, rollout: Rollout, idx: Tensor,
+                        with_values: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits (n, R, V) and, with the shared critic, values (n, R) from the same forward pass."""
         input_ids, attention_mask, position_ids = sequence_inputs(
             rollout.query_ids[idx], rollout.query_mask[idx], rollout.response_ids[idx], rollout.response_mask[idx])
-        R = rollout.response_ids.shape[1]
+        P, R = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
         # Only the last R+1 positions matter: position P-1 predicts response token 0, etc.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=R + 1)
+                    use_cache=False, logits_to_keep=R + 1, output_hidden_states=with_values)
         logits = out.logits[:, :-1].float()  # (n, R, V)
+        values = None
+        if with_values:
+            assert self.value_head is not None
+            hidden = out.hidden_states[-1][:, P - 1:P + R - 1]  # (n, R, H): the state before each response token
+            values = self.value_head(hidden.float()).squeeze(-1)  # (n, R)
         # Log-probs must describe the distribution the tokens were sampled from.
-        return logits / self.config.temperature
+        return logits / self.config.temperature, values
 
     def _values(self, rollout: Rollout, idx: Tensor) -> Tensor:
         """V(s_t) for the state before each response token: (n, R)."""
@@ -446,7 +540,9 @@ class PPOTrainer:
         parts: dict[str, list[Tensor]] = defaultdict(list)
         for idx in torch.arange(N, device=self.device).split(self.config.forward_batch_size):
             tokens = rollout.response_ids[idx]
-            logits = self._policy_logits(self.policy, rollout, idx)
+            logits, shared_values = self._policy_forward(self.policy, rollout, idx, self.value_head is not None)
+            if shared_values is not None:
+                parts["values"].append(shared_values)
             parts["logprobs"].append(logprobs_from_logits(logits, tokens))
             parts["entropy"].append(entropy_from_logits(logits))
             del logits
@@ -527,11 +623,15 @@ class PPOTrainer:
             "generation_s": generation_s,
             "tokens_per_s": float(lengths.sum()) / max(generation_s, 1e-9),
         }
-        components = getattr(self.reward_source, "last_components", None)
-        if isinstance(components, dict):
-            for name, values in components.items():
-                present = [v for v in values if v is not None]
-                record[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+        for source in iter_reward_sources(self.reward_source):
+            components = getattr(source, "last_components", None)
+            if isinstance(components, dict):
+                for name, values in components.items():
+                    present = [v for v in values if v is not None]
+                    record[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+            metrics = getattr(source, "last_metrics", None)  # e.g. judge latency, failed requests
+            if isinstance(metrics, dict):
+                record.update({k: float(v) for k, v in metrics.items()})
         if returns is not None:
             record["explained_variance"] = float(explained_variance(stats["values"], returns, mask & valid[:, None]))
 
@@ -588,7 +688,9 @@ class PPOTrainer:
                         continue
                     weight = len(micro) / len(minibatch)  # micro-batch share of the minibatch loss
                     mask = rollout.response_mask[micro]  # (n, R)
-                    logits = self._policy_logits(self.policy, rollout, micro)  # (n, R, V)
+                    # (n, R, V) logits; with the shared critic also (n, R) values from the same pass
+                    logits, shared_values = self._policy_forward(self.policy, rollout, micro,
+                                                                 with_values=self.value_head is not None)
                     logprobs = logprobs_from_logits(logits, rollout.response_ids[micro])  # (n, R)
                     pg_loss, pg_stats = policy_loss(logprobs, stats["logprobs"][micro], advantages[micro], mask,
                                                     cfg.clip_range)
@@ -600,6 +702,14 @@ class PPOTrainer:
                         kl_loss = masked_mean(kl_k3(logprobs, stats["ref_logprobs"][micro]), mask)
                         loss = loss + beta * kl_loss
                         logs["kl_loss"].append(float(kl_loss.detach()))
+                    if shared_values is not None:  # one backward through the shared trunk
+                        assert returns is not None
+                        v_loss, v_stats = value_loss(shared_values, stats["values"][micro], returns[micro], mask,
+                                                     cfg.clip_range_value)
+                        loss = loss + cfg.vf_coef * v_loss
+                        logs["value_loss"].append(float(v_loss.detach()))
+                        for k, v in v_stats.items():
+                            logs[k].append(float(v))
                     (loss * weight).backward()
                     logs["policy_loss"].append(float(pg_loss.detach()))
                     for k, v in pg_stats.items():
@@ -613,14 +723,15 @@ class PPOTrainer:
                         logs["value_loss"].append(float(v_loss.detach()))
                         for k, v in v_stats.items():
                             logs[k].append(float(v))
-                logs["grad_norm"].append(self._optimizer_step(self.policy, self.policy_optimizer))
+                logs["grad_norm"].append(self._optimizer_step(self.policy_optimizer))
                 if self.value_model is not None:
                     assert self.value_optimizer is not None
-                    logs["value_grad_norm"].append(self._optimizer_step(self.value_model, self.value_optimizer))
+                    logs["value_grad_norm"].append(self._optimizer_step(self.value_optimizer))
         return {k: sum(v) / len(v) for k, v in logs.items()}
 
-    def _optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
+        # Everything the optimizer updates is clipped together (the shared critic's head included).
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return 0.0
         if self.config.max_grad_norm is not None:
@@ -705,6 +816,10 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(tmp / "policy")
         if self.value_model is not None:
             self.value_model.save_pretrained(tmp / "value")
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(tmp / VALUE_HEAD_FILE))
         optim = {"policy": self.policy_optimizer.state_dict()}
         if self.value_optimizer is not None:
             optim["value"] = self.value_optimizer.state_dict()
@@ -732,15 +847,19 @@ class PPOTrainer:
         logger.info("saved %s", final)
         return final
 
-    def _load_state(self, checkpoint: Path) -> None:
-        """Restore everything but the weights (loaded in `_build_models`) from `checkpoint`."""
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        saved = state["config"]
-        for key in ("policy", "estimator", "lora_r", "group_size"):
+    def _check_resumable(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint whose model layout differs from the config, before loading any weights."""
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        saved.setdefault("value_model", "separate")  # checkpoints from before the option existed
+        for key in ("policy", "estimator", "lora_r", "group_size", "value_model"):
             if saved.get(key) != getattr(self.config, key):
                 raise ConfigError(f"cannot resume from {checkpoint}: it was trained with {key}={saved.get(key)!r}, "
                                   f"the config now says {getattr(self.config, key)!r}; restore that value or use a "
                                   f"fresh output_dir")
+
+    def _load_state(self, checkpoint: Path) -> None:
+        """Restore everything but the weights (loaded in `_build_models`) from `checkpoint`."""
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.step_count = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self._order = list(state["prompt_order"])
@@ -776,7 +895,7 @@ def _mean(x: Tensor) -> float:
 
 
 PLOT_PANELS = (
-    ("reward", "reward (raw)"), ("reward_with_kl", "reward - beta*KL"), ("kl", "KL(policy || ref), nats"),
+    ("reward", "reward (after normalize/clip, if on)"), ("reward_with_kl", "reward - beta*KL"), ("kl", "KL(policy || ref), nats"),
     ("entropy", "token entropy"), ("response_length", "response length (tokens)"), ("clipfrac", "clip fraction"),
     ("approx_kl", "approx KL per update"), ("value_loss", "value loss"), ("explained_variance", "explained variance"),
 )
@@ -790,7 +909,10 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path) ->
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(k, title) for k, title in PLOT_PANELS if any(k in r for r in records)] or [("reward", "reward (raw)")]
+    panels = [(k, title) for k, title in PLOT_PANELS if any(k in r for r in records)] or [("reward", "reward")]
+    # Per-component rewards as the source produced them (e.g. a judge's raw win probability per rubric).
+    components = sorted({k for r in records for k in r if k.startswith("reward/")})
+    panels[1:1] = [(k, f"{k[len('reward/'):]} (component, raw)") for k in components]
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4 * cols, 3 * rows), tight_layout=True)

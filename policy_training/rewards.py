@@ -37,9 +37,30 @@ Reward = float | None
 
 @runtime_checkable
 class RewardSource(Protocol):
-    """Scores a batch of responses. One output per input; `None` = could not score that one."""
+    """Scores a batch of responses. One output per input; `None` = could not score that one.
+
+    Optional attributes the trainer looks for (on the source or any source it wraps, see
+    `iter_reward_sources`):
+    - `needs_reference: bool` + `set_reference_generator(fn)`: the source compares each
+      response with a reference response and wants the trainer's generator of the initial
+      policy's answers (`fn(prompts) -> responses`);
+    - `last_components: dict[str, list[float | None]]`: per-component values of the last
+      batch, logged as `reward/<name>`;
+    - `last_metrics: dict[str, float]`: e.g. judge latency of the last batch, logged as is.
+    """
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float | None]: ...
+
+
+def iter_reward_sources(source: Any) -> list[Any]:
+    """`source` and every source it wraps (`.source` of wrappers, `.sources` of combinations), depth first."""
+    found = [source]
+    inner = getattr(source, "source", None)
+    if inner is not None:
+        found.extend(iter_reward_sources(inner))
+    for child in getattr(source, "sources", None) or []:
+        found.extend(iter_reward_sources(child))
+    return found
 
 
 def _check_batch(name: str, prompts: Sequence[str], responses: Sequence[str], out: Sequence[Any]) -> list[Reward]:

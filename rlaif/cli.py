@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "service.cli",
     "judge.labeling.cli",
     "policy_training.cli",
+    "policy_training.winrate_cli",
 )
 
 

@@ -1,0 +1,460 @@
+"""Judge-backed reward sources: the LLM judge in-process or over HTTP, one or several rubrics.
+
+- `LocalJudgeReward`  runs `judge.judges.ScoreJudge` / `PairwiseJudge` on an engine in this
+                      process (`engine: default`, `hf:...`, `openai:...`).
+- `HTTPJudgeReward`   calls a running `rlaif serve` through `service.client.JudgeClient`
+                      (`POST /v1/rewards`), so the judge can live on another machine.
+
+Both implement the `RewardSource` protocol (`rewards(prompts, responses)`) and build from a
+`PPOConfig` with `from_config(config)` (what `rlaif ppo` uses).
+
+Reward modes (RLAIF, Lee et al. 2023):
+- `score` (d-RLAIF, §3.2): reward = the judge's expected score rescaled to [0, 1], or to
+  [-1, 1] with `scale="signed"` (2r - 1, the range the paper used);
+- `pairwise` (§2.1 + §3.1): reward = P(response beats a reference), both presentation
+  orders averaged. The reference is the frozen initial policy's greedy answer to the same
+  prompt (the trainer supplies it through `set_reference_generator`, generated once per
+  prompt) or a column of the prompt file (`reference_column`). Against the initial policy
+  the reward starts near 0.5 and rises only when the policy beats where it started.
+
+Several rubrics combine as a weighted sum (LLaMA-2 combined a helpfulness and a safety
+reward the same way): `rubric: "helpfulness:0.7,harmlessness:0.3"`. Each component is
+scaled first, then weighted, so with weights summing to 1 the total keeps the component
+range. Per-rubric values of the last batch are in `last_components` (the trainer logs them
+as `reward/<rubric>`).
+
+When a reward cannot be had, the affected samples get `None` and the trainer applies
+`on_missing_reward` (`fail` stops, `skip` drops them). Never 0: a made-up 0 is a real
+reward that PPO would happily optimize against. Which failures count:
+- HTTP: connection failures, timeouts, 429/5xx after the client's retries -> None for the
+  samples of that request only (requests are chunked, so one bad chunk costs one chunk);
+  a 4xx (unknown rubric, bad request, auth) raises, because skipping would hide a
+  configuration error on every step;
+- local: an `EngineError` (e.g. an `openai:` engine's server is down) -> None for that
+  rubric's batch; any other exception is a bug and propagates.
+
+Timing: `last_metrics` holds the last call's `judge_latency_s` (wall time of judging),
+`judge_reference_s` (time spent obtaining reference responses), `judge_missing`, and
+backend details (`judge_engine_s` and `judge_cached_frac` locally; `judge_request_max_s`
+and `judge_failed_requests` over HTTP). The trainer copies these into metrics.jsonl next to
+its own `reward_latency_s`.
+
+    source = LocalJudgeReward(build_engine("default"), mode="score")
+    source.rewards(["Name a color."], ["Blue."])                    # -> [0.71]
+    source = HTTPJudgeReward("http://127.0.0.1:8000", rubrics="helpfulness:0.7,harmlessness:0.3",
+                             mode="pairwise")
+    source.rewards(["Name a color."], ["Blue."], references=["No."])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from policy_training.rewards import Reward, _check_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from judge.cache import JudgmentCache
+    from judge.engines.base import Engine
+    from policy_training.config import PPOConfig
+    from service.client import JudgeClient
+
+logger = logging.getLogger(__name__)
+
+RewardMode = Literal["score", "pairwise"]
+RewardScale = Literal["unit", "signed"]
+JudgeMode = Literal["logprob", "cot"]
+RubricSpec = str | Sequence[str] | Mapping[str, float] | None
+"""`"helpfulness:0.7,harmlessness:0.3"`, `["helpfulness:0.7", ...]`, `{"helpfulness": 0.7, ...}` or None (default rubric)."""
+ReferenceGenerator = Callable[[list[str]], list[str]]
+"""prompts -> one reference response per prompt (the trainer's `PPOTrainer.reference_responses`)."""
+
+DEFAULT_RUBRICS: dict[str, str] = {"score": "score-1-10", "pairwise": "helpfulness"}
+"""The judges' own defaults, used by the in-process judge when no rubric is configured."""
+
+
+# ----------------------------------------------------------------------------- rubric weights
+
+
+@dataclass(frozen=True)
+class RubricWeight:
+    """One term of the reward: a rubric (None = the judge's default for the mode) and its weight."""
+
+    rubric: str | None
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """Label under which the component is reported (`reward/<name>` in the metrics)."""
+        if self.rubric is None:
+            return "judge"
+        return Path(self.rubric).stem if self.rubric.endswith((".yaml", ".yml")) else self.rubric
+
+
+def parse_rubric_weights(spec: RubricSpec) -> list[RubricWeight]:
+    """`"helpfulness:0.7,harmlessness:0.3"` (or a list of such terms, or {id: weight}) -> terms.
+
+    A term without `:weight` has weight 1, so a single rubric id is just itself. The weight is
+    whatever follows the last `:` when that parses as a number, so rubric paths containing
+    `:` still work. Raises ValueError naming the bad term and the accepted form.
+    """
+    if spec is None:
+        return [RubricWeight(None, 1.0)]
+    if isinstance(spec, Mapping):
+        raw_terms = [f"{k}:{v}" for k, v in spec.items()]
+    elif isinstance(spec, str):
+        raw_terms = spec.split(",")
+    else:
+        raw_terms = [str(term) for term in spec]
+    terms: list[RubricWeight] = []
+    for raw in raw_terms:
+        term = raw.strip()
+        if not term:
+            raise ValueError(f"empty rubric term in {spec!r}; use `id` or `id:weight`, comma-separated, "
+                             f"e.g. helpfulness:0.7,harmlessness:0.3")
+        rubric, weight = term, 1.0
+        head, sep, tail = term.rpartition(":")
+        if sep:
+            try:
+                weight = float(tail)
+                rubric = head.strip()
+            except ValueError:
+                pass  # no number after the last ':' -> part of the rubric name or path
+        if not rubric:
+            raise ValueError(f"rubric term {term!r} has a weight but no rubric; use `id:weight`")
+        if not math.isfinite(weight):
+            raise ValueError(f"rubric term {term!r}: the weight must be a finite number")
+        terms.append(RubricWeight(rubric, weight))
+    names = [t.name for t in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"rubric(s) {duplicates} appear more than once in {spec!r}; give each rubric once with its total weight")
+    if all(t.weight == 0 for t in terms):
+        raise ValueError(f"all rubric weights in {spec!r} are 0, so every reward would be 0")
+    return terms
+
+
+def weighted_sum(components: Sequence[Sequence[Reward]], weights: Sequence[float]) -> list[Reward]:
+    """sum_k weights[k] * components[k][i] per sample; None where any component is None.
+
+    A partial sum would silently change what the reward measures for that sample (e.g. a
+    harmlessness-only score), so a missing component makes the whole sample missing.
+    """
+    if len(components) != len(weights):
+        raise ValueError(f"{len(components)} components but {len(weights)} weights")
+    if not components:
+        return []
+    size = len(components[0])
+    if any(len(c) != size for c in components):
+        raise ValueError(f"components have different lengths: {[len(c) for c in components]}")
+    total: list[Reward] = []
+    for i in range(size):
+        parts = [c[i] for c in components]
+        total.append(None if any(p is None for p in parts)
+                     else math.fsum(w * p for w, p in zip(weights, parts)))  # type: ignore[operator]
+    return total
+
+
+def rescale(value: float, scale: RewardScale) -> float:
+    """[0, 1] -> [0, 1] (`unit`) or [-1, 1] (`signed`, 2r - 1)."""
+    return 2.0 * value - 1.0 if scale == "signed" else value
+
+
+def load_reference_table(path: str | Path, reference_column: str, prompt_column: str | None = None) -> dict[str, str]:
+    """prompt text -> reference response, from the prompt file the trainer reads.
+
+    Prompts are extracted exactly as the trainer extracts them (`policy_training.ppo.load_prompts`),
+    so the keys match the prompts the reward source will be called with.
+    """
+    import json
+
+    from policy_training.ppo import load_prompts
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text())
+    else:
+        raise ValueError(f"reference_column needs a .jsonl or .json prompt file with columns; {path} has none")
+    prompts = load_prompts(path, prompt_column)  # (rows,) one prompt per row, in row order
+    table: dict[str, str] = {}
+    for index, (row, prompt) in enumerate(zip(rows, prompts)):
+        if not isinstance(row, dict) or not isinstance(row.get(reference_column), str):
+            raise ValueError(f"{path} row {index}: no text column {reference_column!r} to use as the reference response")
+        if prompt in table and table[prompt] != row[reference_column]:
+            logger.warning("%s row %d repeats a prompt with a different reference; keeping the first", path, index)
+            continue
+        table.setdefault(prompt, row[reference_column])
+    return table
+
+
+# ----------------------------------------------------------------------------- shared plumbing
+
+
+class _JudgeReward:
+    """Rubric terms, references, weighted combination and metrics; subclasses judge one rubric.
+
+    Optional hooks the trainer uses (see `PPOTrainer`):
+    - `needs_reference` is True when pairwise rewards need references that neither a
+      reference table nor a caller provides; the trainer then calls
+      `set_reference_generator(fn)` with its generator of the initial policy's responses;
+    - `last_components` / `last_metrics` describe the last call and are logged.
+    """
+
+    def __init__(self, rubrics: RubricSpec, *, mode: RewardMode, scale: RewardScale, judge_mode: JudgeMode,
+                 references: Mapping[str, str] | None, name: str | None) -> None:
+        if mode not in ("score", "pairwise"):
+            raise ValueError(f"mode must be 'score' or 'pairwise', got {mode!r}")
+        if scale not in ("unit", "signed"):
+            raise ValueError(f"scale must be 'unit' or 'signed', got {scale!r}")
+        if references is not None and mode != "pairwise":
+            raise ValueError("references only apply to mode='pairwise'")
+        self.terms = parse_rubric_weights(rubrics)
+        self.mode: RewardMode = mode
+        self.scale: RewardScale = scale
+        self.judge_mode: JudgeMode = judge_mode
+        self.reference_table = dict(references) if references is not None else None
+        self._reference_generator: ReferenceGenerator | None = None
+        self.name = name or f"{type(self).__name__}({mode})"
+        self.last_components: dict[str, list[Reward]] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    # -- references
+    @property
+    def needs_reference(self) -> bool:
+        return self.mode == "pairwise" and self.reference_table is None and self._reference_generator is None
+
+    def set_reference_generator(self, generate: ReferenceGenerator) -> None:
+        """Where pairwise references come from when the call gives none (the trainer's initial policy)."""
+        self._reference_generator = generate
+
+    def _references(self, prompts: list[str], given: Sequence[str] | None) -> list[str] | None:
+        if self.mode != "pairwise":
+            if given is not None:
+                raise ValueError("references were given, but mode='score' judges each response alone")
+            return None
+        if given is not None:
+            if len(given) != len(prompts):
+                raise ValueError(f"{len(given)} references for {len(prompts)} responses; give one per response")
+            return list(given)
+        if self.reference_table is not None:
+            missing = [p for p in prompts if p not in self.reference_table]
+            if missing:
+                raise KeyError(f"no reference response for {len(missing)} prompt(s), e.g. {missing[0][:80]!r}; "
+                               f"the reference table covers the prompt file it was read from")
+            return [self.reference_table[p] for p in prompts]
+        if self._reference_generator is not None:
+            refs = list(self._reference_generator(prompts))
+            if len(refs) != len(prompts):
+                raise ValueError(f"the reference generator returned {len(refs)} responses for {len(prompts)} prompts")
+            return refs
+        raise ValueError("mode='pairwise' compares each response with a reference response, and none is available: "
+                         "pass references=[...], build the source with a reference table (reference_column), or let "
+                         "PPOTrainer supply its initial policy's responses (it calls set_reference_generator)")
+
+    # -- the call
+    def rewards(self, prompts: list[str], responses: list[str], *,
+                references: Sequence[str] | None = None) -> list[float | None]:
+        """One reward per (prompt, response): the weighted sum of the rubric terms, None where missing."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
+        prompts, responses = list(prompts), list(responses)
+        started = time.perf_counter()
+        refs = self._references(prompts, references)
+        reference_s = time.perf_counter() - started
+        judged = time.perf_counter()
+        components, metrics = self._judge_terms(prompts, responses, refs)
+        latency = time.perf_counter() - judged
+        checked = {t.name: _check_batch(f"{self.name}/{t.name}", prompts, responses, components[t.name])
+                   for t in self.terms}
+        total = weighted_sum([checked[t.name] for t in self.terms], [t.weight for t in self.terms])
+        self.last_components = checked
+        self.last_metrics = {"judge_latency_s": latency, "judge_reference_s": reference_s,
+                             "judge_missing": float(sum(v is None for v in total)), **metrics}
+        return total
+
+    def _judge_terms(self, prompts: list[str], responses: list[str],
+                     references: list[str] | None) -> tuple[dict[str, list[Reward]], dict[str, float]]:
+        """Per-term rewards (already rescaled) and backend metrics."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- in-process judge
+
+
+class LocalJudgeReward(_JudgeReward):
+    """The judge in this process: `ScoreJudge` (mode="score") or `PairwiseJudge` (mode="pairwise").
+
+    The engine is shared by every rubric term; each term is one batched judge call (both
+    presentation orders of every pair in one engine call), so the engine's shared-prefix
+    KV reuse covers the whole batch. A `JudgmentCache` makes repeated items free, e.g. the
+    same (prompt, response) in a resumed run.
+    """
+
+    def __init__(self, engine: Engine, *, rubrics: RubricSpec = None,
+                 mode: RewardMode = "score", scale: RewardScale = "unit", judge_mode: JudgeMode = "logprob",
+                 references: Mapping[str, str] | None = None, cache: JudgmentCache | None = None,
+                 tie_margin: float = 0.05, name: str | None = None) -> None:
+        from judge.judges import PairwiseJudge, ScoreJudge
+
+        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
+        self.engine = engine
+        # Built now, so a wrong rubric (unknown id, score rubric in pairwise mode) fails before training starts.
+        self.judges: dict[str, PairwiseJudge | ScoreJudge] = {}
+        for term in self.terms:
+            rubric = term.rubric or DEFAULT_RUBRICS[mode]
+            if mode == "score":
+                self.judges[term.name] = ScoreJudge(engine, rubric, mode=judge_mode, cache=cache)
+            else:
+                self.judges[term.name] = PairwiseJudge(engine, rubric, mode=judge_mode, cache=cache, tie_margin=tie_margin)
+
+    @classmethod
+    def from_config(cls, config: PPOConfig) -> LocalJudgeReward:
+        """`engine`, `rubric`, `reward_mode`, `reward_scale`, `judge_mode`, `reference_column` of a PPO config."""
+        from judge.engines import build_engine
+
+        if config.engine is None:
+            raise ValueError("LocalJudgeReward needs `engine` (e.g. default, hf:<model>, openai:<url>#<model>)")
+        references = None
+        if config.reference_column is not None:
+            if config.prompts is None:
+                raise ValueError("reference_column needs `prompts`: the references are read from the prompt file")
+            references = load_reference_table(config.prompts, config.reference_column, config.prompt_column)
+        return cls(build_engine(config.engine), rubrics=config.rubric, mode=config.reward_mode,
+                   scale=config.reward_scale, judge_mode=config.judge_mode, references=references)
+
+    def _judge_terms(self, prompts: list[str], responses: list[str],
+                     references: list[str] | None) -> tuple[dict[str, list[Reward]], dict[str, float]]:
+        from judge.engines.base import EngineError
+        from judge.types import PairwiseItem, ScoreItem
+
+        items: list[Any]
+        if self.mode == "score":
+            items = [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        else:
+            assert references is not None
+            items = [PairwiseItem(prompt=p, response_a=r, response_b=ref)
+                     for p, r, ref in zip(prompts, responses, references)]
+        components: dict[str, list[Reward]] = {}
+        engine_s = 0.0
+        cached = 0
+        for name, judge in self.judges.items():
+            try:
+                judgments = judge.judge(items)
+            except EngineError as exc:
+                logger.warning("judge engine failed for rubric %s on %d samples: %s; their rewards are missing",
+                               name, len(items), exc)
+                components[name] = [None] * len(items)
+                continue
+            values = [j.score if self.mode == "score" else j.prob_a for j in judgments]  # type: ignore[union-attr]
+            components[name] = [rescale(v, self.scale) for v in values]
+            fresh = [j for j in judgments if not j.cached]
+            engine_s += fresh[0].timings.engine_seconds if fresh else 0.0  # timings are per batch, shared by items
+            cached += len(judgments) - len(fresh)
+        n_judged = len(items) * len(self.judges)
+        return components, {"judge_engine_s": engine_s, "judge_cached_frac": cached / n_judged if n_judged else 0.0}
+
+
+# ----------------------------------------------------------------------------- HTTP judge service
+
+
+class HTTPJudgeReward(_JudgeReward):
+    """The judge service over HTTP (`POST /v1/rewards`), batched, concurrent, with timeouts and retries.
+
+    Each call is split into requests of at most `max_items` samples per rubric term; up to
+    `concurrency` requests are in flight at once, so the service's micro-batcher can merge
+    them into large engine batches. Retries (429/503/connection errors, with backoff and
+    Retry-After) are the client's (`service.client.RetryPolicy`); what still fails leaves
+    that request's samples at None (see the module docstring for which statuses raise).
+    A ready-made `client` (e.g. with a custom transport) replaces timeout, retries, backoff and api_key.
+    """
+
+    def __init__(self, url: str, *, rubrics: RubricSpec = None,
+                 mode: RewardMode = "score", scale: RewardScale = "unit", judge_mode: JudgeMode = "logprob",
+                 references: Mapping[str, str] | None = None, timeout: float = 300.0, retries: int = 4,
+                 backoff: float = 0.5, concurrency: int = 4, max_items: int = 256, api_key: str | None = None,
+                 client: JudgeClient | None = None, name: str | None = None) -> None:
+        from service.client import JudgeClient, RetryPolicy
+
+        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
+        if concurrency < 1 or max_items < 1:
+            raise ValueError("concurrency and max_items must be >= 1")
+        self.url = url
+        self.concurrency = concurrency
+        self.max_items = max_items
+        self.client = client or JudgeClient(url, api_key=api_key, timeout=timeout,
+                                            retry=RetryPolicy(retries=retries, backoff=backoff), max_items=max_items)
+
+    @classmethod
+    def from_config(cls, config: PPOConfig) -> HTTPJudgeReward:
+        """`judge_url`, `rubric`, `reward_mode`, `reward_scale`, `judge_mode`, `reference_column`,
+        `judge_timeout`, `judge_retries`, `judge_concurrency`, `judge_api_key_env` of a PPO config."""
+        if config.judge_url is None:
+            raise ValueError("HTTPJudgeReward needs `judge_url` (a running `rlaif serve`, e.g. http://127.0.0.1:8000)")
+        references = None
+        if config.reference_column is not None:
+            if config.prompts is None:
+                raise ValueError("reference_column needs `prompts`: the references are read from the prompt file")
+            references = load_reference_table(config.prompts, config.reference_column, config.prompt_column)
+        return cls(config.judge_url, rubrics=config.rubric, mode=config.reward_mode, scale=config.reward_scale,
+                   judge_mode=config.judge_mode, references=references, timeout=config.judge_timeout,
+                   retries=config.judge_retries, concurrency=config.judge_concurrency,
+                   api_key=os.environ.get(config.judge_api_key_env) or None)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _judge_terms(self, prompts: list[str], responses: list[str],
+                     references: list[str] | None) -> tuple[dict[str, list[Reward]], dict[str, float]]:
+        spans = [(start, min(start + self.max_items, len(prompts))) for start in range(0, len(prompts), self.max_items)]
+        jobs = [(term, span) for term in self.terms for span in spans]
+        components: dict[str, list[Reward]] = {t.name: [None] * len(prompts) for t in self.terms}
+
+        def request(job: tuple[RubricWeight, tuple[int, int]]) -> tuple[list[float] | None, float]:
+            term, (lo, hi) = job
+            started = time.perf_counter()
+            values = self._request(term, prompts[lo:hi], responses[lo:hi],
+                                   references[lo:hi] if references is not None else None)
+            return values, time.perf_counter() - started
+
+        if len(jobs) == 1:
+            results = [request(jobs[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="judge-http") as pool:
+                results = list(pool.map(request, jobs))
+        failed = 0
+        for (term, (lo, hi)), (values, _) in zip(jobs, results):
+            if values is None:
+                failed += 1
+            else:
+                components[term.name][lo:hi] = values
+        return components, {"judge_request_max_s": max(seconds for _, seconds in results),
+                            "judge_requests": float(len(jobs)), "judge_failed_requests": float(failed)}
+
+    def _request(self, term: RubricWeight, prompts: list[str], responses: list[str],
+                 references: list[str] | None) -> list[float] | None:
+        """One /v1/rewards request; None when the service could not be had (see the module docstring)."""
+        from service.client import JudgeServiceError
+
+        try:
+            response = self.client.rewards(prompts, responses, references=references, mode=self.mode,
+                                           rubric=term.rubric, judge_mode=self.judge_mode, scale=self.scale)
+        except JudgeServiceError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                raise  # the request itself is wrong (rubric, auth, size): skipping would hide it on every step
+            logger.warning("judge service %s failed for rubric %s on %d samples: %s; their rewards are missing",
+                           self.url, term.name, len(prompts), exc)
+            return None
+        if len(response.rewards) != len(prompts):
+            logger.warning("judge service returned %d rewards for %d samples; treating them as missing",
+                           len(response.rewards), len(prompts))
+            return None
+        return list(response.rewards)
