@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "judge.cli",
     "service.cli",
     "judge.labeling.cli",
+    "policy_training.rm_cli",
     "policy_training.cli",
     "policy_training.winrate_cli",
 )

@@ -3,17 +3,31 @@
 What makes it fast and correct:
 - **Last-position logits only.** A label distribution needs one row of logits per prompt;
   `logits_to_keep=1` skips the (vocab x seq) projection for every other position.
-- **Shared-prefix KV reuse.** Every judge prompt in a call starts with the same chat header,
-  system text and rubric head. That common token prefix is run once, its keys/values are kept
-  (a small LRU keyed by the token ids, so it also survives across calls), and each batch only
-  runs the per-item suffixes on top of it. This is what llama.cpp's prompt cache does, but
-  shared by a whole batch instead of one slot.
-- **Length-bucketed, left-padded batches.** Suffixes are sorted by length and left-padded so
-  the last position is the real last token of every row. Padding sits *between* the shared
-  prefix and the suffix; the attention mask hides it and explicit `position_ids` continue from
-  the prefix, so each row sees exactly what it would see alone. Batched results therefore
-  equal unbatched ones (tested to 1e-4). Masks come from lengths, never from `ids != pad_id`
-  (SmolLM2's pad token is its EOS, which also occurs inside chat prompts).
+- **Shared-prefix KV reuse, two levels.** Every judge prompt in a call starts with the same
+  chat header, system text and rubric head. That common token prefix is run once, its
+  keys/values are kept (a small LRU keyed by the token ids, so it also survives across
+  calls). On top of it, prompts that share a further stretch form *groups*: the two
+  presentation orders of a pair share the user request, several samples judged against one
+  prompt share it too, and a multi-token label query `prompt + "1"` shares the whole prompt
+  with `prompt`. Each group's shared stretch is run once (as a batch row of its own) and its
+  members only run what differs. Prompts are sorted lexicographically, so groups are runs of
+  neighbours; a prompt joins a group only if that saves tokens overall.
+- **Padding-aware batches.** Rows are sorted by the number of tokens they still have to run
+  and cut into batches by a small dynamic program that minimizes padded tokens plus a fixed
+  per-forward cost (`batch_overhead_tokens`; small on CPU, where a row of 100+ tokens
+  already keeps the matmuls busy and padding is pure waste; large on CUDA, where wide batches
+  pay). Rows are left-padded so the last column is every row's real last token. Padding sits
+  *between* the cached keys/values and the new tokens (and between the shared prefix and a
+  group's stretch); the attention mask hides it and explicit `position_ids` continue each
+  row's own positions, so every row sees exactly what it would see alone. Batched results
+  therefore equal unbatched ones (tested to 1e-4). Masks come from lengths, never from
+  `ids != pad_id` (SmolLM2's pad token is its EOS, which also occurs inside chat prompts).
+- **oneDNN linear layers on CPU.** PyTorch's default fp32 GEMM (MKL) runs its AVX2 code path
+  on AMD CPUs; oneDNN's AVX-512 kernels with weights pre-packed once are about 2x faster on
+  the same fp32 math (agreement ~1e-6). The engine swaps the decoder's `nn.Linear` modules
+  for packed ones only on CPU/fp32 models it loaded itself (never on a model passed in, which
+  may be trained elsewhere), after checking the result against `F.linear` on the real weights;
+  `cpu_kernels="torch"` turns it off.
 - **Multi-token labels** ("10" is two tokens for many tokenizers) are scored as the sum of
   their token log-probs: extra last-position queries `prompt + label[:j]` read `label[j]`.
 """
@@ -23,9 +37,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,12 +50,17 @@ from judge.types import ChatPrompt
 
 logger = logging.getLogger(__name__)
 
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Keys and values of every layer for one row: [(K, V)] with K, V of shape (1, H_kv, T, D)."""
 
-@dataclass(frozen=True)
-class _Query:
-    """Token ids whose last position's next-token log-probs we need."""
+CpuKernels = Literal["auto", "onednn", "torch"]
 
-    ids: tuple[int, ...]
+_MIN_SHARED_TOKENS = 8
+"""Shorter shared stretches are not worth a separate KV (prefix or group)."""
+_WAVE_ROWS_PER_BATCH = 4
+"""A wave (groups processed together) holds up to this many batches' worth of rows."""
+_WAVE_SHARED_TOKENS = 4096
+"""...and at most this many group-shared tokens, which bounds the group KVs held at once."""
 
 
 class HFEngine:
@@ -50,22 +69,33 @@ class HFEngine:
     def __init__(self, model_path: str | Path, *, name: str | None = None, gguf_file: str | None = None,
                  device: str = "cpu", dtype: str = "auto", max_batch_size: int = 16,
                  max_batch_tokens: int = 16384, prefix_cache: bool = True, prefix_cache_entries: int = 4,
+                 batch_overhead_tokens: int | None = None, cpu_kernels: CpuKernels = "auto",
                  model=None, tokenizer=None) -> None:
-        if model is None or tokenizer is None:
+        owns_model = model is None or tokenizer is None
+        if owns_model:
             model, tokenizer = load_causal_lm(model_path, dtype=dtype, device=device, gguf_file=gguf_file)
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = int(max_batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
         self.prefix_cache = prefix_cache
-        self._prefix_entries = prefix_cache_entries
-        self._prefix_kv: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        if batch_overhead_tokens is None:
+            batch_overhead_tokens = 32 if self.device.type == "cpu" else 2048
+        self.batch_overhead_tokens = int(batch_overhead_tokens)
+        self._prefix_entries = int(prefix_cache_entries)
+        self._prefix_kv: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
         self._lock = threading.Lock()
         self._name = name or Path(str(model_path)).name
         self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if tokenizer.chat_template is None:
             raise EngineError(f"{self._name}: the tokenizer has no chat template; judges need a chat/instruct model")
+        if cpu_kernels not in ("auto", "onednn", "torch"):
+            raise ValueError(f"cpu_kernels must be 'auto', 'onednn' or 'torch', got {cpu_kernels!r}")
+        self.cpu_kernels_in_use = "torch"
+        if cpu_kernels == "onednn" or (cpu_kernels == "auto" and owns_model):
+            if _use_onednn_linears(model, self.device):
+                self.cpu_kernels_in_use = "onednn"
 
     @property
     def engine_id(self) -> str:
@@ -114,59 +144,137 @@ class HFEngine:
     @torch.inference_mode()
     def _last_token_log_probs(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
         """Log-softmax of the next-token logits after each sequence. (Q, V) float32 on CPU."""
-        prefix = _common_prefix(sequences) if self.prefix_cache and len(sequences) > 0 else ()
+        if not self.prefix_cache:
+            log_probs, _ = self._run_rows(list(sequences), [None] * len(sequences), None, 0, keep_kv=False)
+            return log_probs
+        prefix = _common_prefix(sequences)
         # Leave at least one token of every sequence to run, so each row has a last position.
-        prefix = prefix[: min(len(s) for s in sequences) - 1] if prefix else ()
-        prefix_kv = self._prefix_kv_for(prefix) if len(prefix) >= 8 else None
-        if prefix_kv is None:
-            prefix = ()
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        for batch in self._buckets(order, sequences, len(prefix)):
-            suffixes = [sequences[i][len(prefix):] for i in batch]
-            rows = self._forward_last(suffixes, prefix_kv, len(prefix))
-            for i, row in zip(batch, rows):
-                out[i] = row
-        return torch.stack(out)  # type: ignore[arg-type]
+        prefix = prefix[: min(len(s) for s in sequences) - 1]
+        prefix_kv = self._prefix_kv_for(prefix) if len(prefix) >= _MIN_SHARED_TOKENS else None
+        start = len(prefix) if prefix_kv is not None else 0
+        out = torch.empty((len(sequences), self._vocab_size()), dtype=torch.float32)
+        for wave in self._waves(_share_groups(sequences, start, _MIN_SHARED_TOKENS), start):
+            # Stage 1: run each multi-member group's shared stretch once and keep its KV.
+            shared = [(members, end) for members, end in wave if len(members) > 1]
+            stretches = [sequences[members[0]][start:end] for members, end in shared]
+            _, group_kv = self._run_rows(stretches, [None] * len(stretches), prefix_kv, start, keep_kv=True)
+            # Stage 2: every member runs only what follows its group's stretch.
+            kv_iter = iter(group_kv or [])
+            rows: list[tuple[int, ...]] = []
+            middles: list[LayerKV | None] = []
+            owners: list[int] = []
+            for members, end in wave:
+                kv = next(kv_iter) if len(members) > 1 else None
+                for i in members:
+                    rows.append(sequences[i][end:])
+                    middles.append(kv)
+                    owners.append(i)
+            log_probs, _ = self._run_rows(rows, middles, prefix_kv, start, keep_kv=False)
+            out[owners] = log_probs
+        return out
 
-    def _buckets(self, order: list[int], sequences: list[tuple[int, ...]], prefix_len: int):
-        batch: list[int] = []
-        for i in order:
-            width = len(sequences[i]) - prefix_len  # sorted ascending: the newest is the widest
-            if batch and (len(batch) >= self.max_batch_size or width * (len(batch) + 1) > self.max_batch_tokens):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+    def _waves(self, groups: list[tuple[list[int], int]], start: int) -> Iterator[list[tuple[list[int], int]]]:
+        """Chunks of groups, so the group KVs held at once stay bounded."""
+        wave: list[tuple[list[int], int]] = []
+        rows = shared_tokens = 0
+        for members, end in groups:
+            wave.append((members, end))
+            rows += len(members)
+            shared_tokens += end - start
+            if rows >= _WAVE_ROWS_PER_BATCH * self.max_batch_size or shared_tokens >= _WAVE_SHARED_TOKENS:
+                yield wave
+                wave, rows, shared_tokens = [], 0, 0
+        if wave:
+            yield wave
 
-    def _forward_last(self, suffixes: list[tuple[int, ...]], prefix_kv, prefix_len: int) -> torch.Tensor:
+    def _run_rows(self, rows: list[tuple[int, ...]], middles: list[LayerKV | None], prefix_kv: LayerKV | None,
+                  prefix_len: int, *, keep_kv: bool) -> tuple[torch.Tensor, list[LayerKV] | None]:
+        """Run `rows` on top of the shared prefix (+ each row's own middle KV) in planned batches.
+
+        Returns the last-position log-probs (R, V) and, with `keep_kv`, each row's new KV.
+        """
+        if not rows:
+            return torch.empty((0, self._vocab_size())), ([] if keep_kv else None)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        widths = [len(rows[i]) for i in order]
+        log_probs = torch.empty((len(rows), self._vocab_size()), dtype=torch.float32)
+        kvs: list[LayerKV | None] = [None] * len(rows)
+        for begin, end in _plan_batches(widths, self.max_batch_size, self.max_batch_tokens, self.batch_overhead_tokens):
+            batch = order[begin:end]
+            rows_lp, rows_kv = self._forward([rows[i] for i in batch], [middles[i] for i in batch],
+                                             prefix_kv, prefix_len, keep_kv)
+            log_probs[batch] = rows_lp
+            if rows_kv is not None:
+                for i, kv in zip(batch, rows_kv):
+                    kvs[i] = kv
+        return log_probs, (kvs if keep_kv else None)  # type: ignore[return-value]
+
+    def _forward(self, rows: list[tuple[int, ...]], middles: list[LayerKV | None], prefix_kv: LayerKV | None,
+                 prefix_len: int, keep_kv: bool) -> tuple[torch.Tensor, list[LayerKV] | None]:
+        """One forward pass. Row layout: [prefix][pad][own middle][pad][own tokens]. (B, V) log-probs."""
         from transformers import DynamicCache
 
-        batch_size, width = len(suffixes), max(len(s) for s in suffixes)
+        batch_size, width = len(rows), max(len(r) for r in rows)
+        middle_lens = [0 if m is None else m[0][0].shape[2] for m in middles]
+        middle_width = max(middle_lens)
         pad_id = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-        suffix_mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, ids in enumerate(suffixes):  # left padding: the last column is every row's last token
+        token_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        middle_mask = torch.zeros((batch_size, middle_width), dtype=torch.long)
+        for row, (ids, middle_len) in enumerate(zip(rows, middle_lens)):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
-            suffix_mask[row, width - len(ids):] = 1
-        # Positions continue from the prefix and skip the padding. (B, S)
-        position_ids = (prefix_len + suffix_mask.cumsum(dim=1) - 1).clamp(min=prefix_len)
-        attention_mask = torch.cat([torch.ones((batch_size, prefix_len), dtype=torch.long), suffix_mask], dim=1)
-        kwargs = {}
-        if prefix_kv is not None:
-            kwargs["past_key_values"] = DynamicCache(
-                ddp_cache_data=[(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in prefix_kv],
-                config=self.model.config)
+            token_mask[row, width - len(ids):] = 1
+            middle_mask[row, middle_width - middle_len:] = 1
+        # Each row's positions continue from its own prefix + middle and skip padding. (B, W)
+        offsets = torch.tensor(middle_lens, dtype=torch.long).unsqueeze(1) + prefix_len
+        position_ids = torch.maximum(offsets + token_mask.cumsum(dim=1) - 1, offsets)
+        attention_mask = torch.cat([torch.ones((batch_size, prefix_len if prefix_kv is not None else 0),
+                                               dtype=torch.long), middle_mask, token_mask], dim=1)
+        cache = None
+        if prefix_kv is not None or middle_width > 0:
+            cache = DynamicCache(ddp_cache_data=self._past_kv(prefix_kv, middles, middle_width, batch_size),
+                                 config=self.model.config)
+        elif keep_kv:
+            cache = DynamicCache(config=self.model.config)
         try:
             outputs = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                 position_ids=position_ids.to(self.device), use_cache=prefix_kv is not None,
-                                 logits_to_keep=1, **kwargs)
+                                 position_ids=position_ids.to(self.device), past_key_values=cache,
+                                 use_cache=cache is not None, logits_to_keep=1)
         except torch.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU to hit
             raise EngineError(f"out of memory on a batch of {batch_size}x{width}: lower max_batch_size") from exc
-        return torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1).cpu()  # (B, V)
+        log_probs = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1).cpu()  # (B, V)
+        if not keep_kv:
+            return log_probs, None
+        layers = outputs.past_key_values.layers
+        kept = [[(layer.keys[row:row + 1, :, -len(ids):, :].clone(), layer.values[row:row + 1, :, -len(ids):, :].clone())
+                 for layer in layers] for row, ids in enumerate(rows)]
+        return log_probs, kept
 
-    def _prefix_kv_for(self, prefix: tuple[int, ...]):
+    def _past_kv(self, prefix_kv: LayerKV | None, middles: list[LayerKV | None], middle_width: int,
+                 batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (B, H, prefix + middle_width, D): the shared prefix, then each row's left-padded middle."""
+        n_layers = len(prefix_kv) if prefix_kv is not None else len(next(m for m in middles if m is not None))
+        past = []
+        for layer in range(n_layers):
+            tensors = []
+            for which in (0, 1):  # keys, values
+                parts = []
+                if prefix_kv is not None:
+                    shared = prefix_kv[layer][which]
+                    parts.append(shared.expand(batch_size, -1, -1, -1))
+                if middle_width > 0:
+                    like = next(m for m in middles if m is not None)[layer][which]
+                    padded = like.new_zeros((batch_size, like.shape[1], middle_width, like.shape[3]))
+                    for row, middle in enumerate(middles):
+                        if middle is not None:
+                            own = middle[layer][which]
+                            padded[row, :, middle_width - own.shape[2]:, :] = own[0]
+                    parts.append(padded)
+                tensors.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+            past.append((tensors[0], tensors[1]))
+        return past
+
+    def _prefix_kv_for(self, prefix: tuple[int, ...]) -> LayerKV:
         """Keys/values of `prefix` (one row), computed once and kept in a small LRU."""
         cached = self._prefix_kv.get(prefix)
         if cached is not None:
@@ -174,12 +282,14 @@ class HFEngine:
             return cached
         ids = torch.tensor([prefix], device=self.device)
         outputs = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = outputs.past_key_values
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = [(layer.keys, layer.values) for layer in outputs.past_key_values.layers]
         self._prefix_kv[prefix] = kv
         while len(self._prefix_kv) > self._prefix_entries:
             self._prefix_kv.popitem(last=False)
         return kv
+
+    def _vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     # ------------------------------------------------------------------ generate
     @torch.inference_mode()
@@ -221,6 +331,70 @@ class HFEngine:
         return [_cut_at_stop(text, params.stop).strip() for text in texts]
 
 
+# ---------------------------------------------------------------------------------- planning helpers
+def _plan_batches(widths: Sequence[int], max_batch_size: int, max_batch_tokens: int,
+                  overhead_tokens: int) -> list[tuple[int, int]]:
+    """Cut rows sorted by ascending width into [begin, end) batches of minimal padded cost.
+
+    cost(batch) = rows * widest row (padding included) + overhead_tokens; a single row is always
+    allowed even when it alone exceeds `max_batch_tokens`. O(n * max_batch_size).
+    """
+    n = len(widths)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for begin in range(end - 1, max(-1, end - 1 - max_batch_size), -1):
+            rows = end - begin
+            if rows > 1 and rows * widths[end - 1] > max_batch_tokens:
+                break
+            cost = best[begin] + rows * widths[end - 1] + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    spans = []
+    end = n
+    while end > 0:
+        spans.append((cut[end], end))
+        end = cut[end]
+    return spans[::-1]
+
+
+def _share_groups(sequences: Sequence[tuple[int, ...]], start: int, min_shared: int) -> list[tuple[list[int], int]]:
+    """Group sequences that share tokens beyond `start`: [(member indices, end of shared stretch)].
+
+    Sequences are visited in lexicographic order, so a group's shared stretch is the common
+    prefix of its first and last member. A sequence joins the current group only if the tokens
+    saved grow ((m - 1) * stretch for m members); the stretch always leaves each member at least
+    one token to run. Singletons get `end = start` (nothing shared beyond the prefix).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    groups: list[tuple[list[int], int]] = []
+    members = [order[0]]
+    end = len(sequences[order[0]]) - 1
+    for i in order[1:]:
+        candidate = min(end, _lcp_len(sequences[members[0]], sequences[i]), len(sequences[i]) - 1)
+        saved_now = (len(members) - 1) * (end - start)
+        if candidate - start >= min_shared and len(members) * (candidate - start) >= saved_now:
+            members.append(i)
+            end = candidate
+        else:
+            groups.append((members, end if len(members) > 1 else start))
+            members, end = [i], len(sequences[i]) - 1
+    groups.append((members, end if len(members) > 1 else start))
+    return groups
+
+
+def _lcp_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix, by binary search over slice equality (done in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     cut = len(text)
     for stop in stops:
@@ -232,9 +406,54 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def _common_prefix(sequences: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     first, last = min(sequences), max(sequences)  # the LCP of a set is the LCP of its lexicographic extremes
-    n = 0
-    for a, b in zip(first, last):
-        if a != b:
-            break
-        n += 1
-    return first[:n]
+    return first[:_lcp_len(first, last)]
+
+
+# ---------------------------------------------------------------------------------- oneDNN linears
+class _PackedLinear(torch.nn.Module):
+    """Inference-only stand-in for `nn.Linear`: oneDNN fp32 GEMM on a weight packed once."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn"
+
+
+def _use_onednn_linears(model: torch.nn.Module, device: torch.device) -> bool:
+    """Swap the decoder's fp32 `nn.Linear`s for `_PackedLinear`s if oneDNN is there and agrees.
+
+    The output/embedding projection is left alone (it is tied to the input embeddings and only
+    ever sees one row per sequence). Returns whether the swap happened.
+    """
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    output = model.get_output_embeddings()
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is torch.nn.Linear and child is not output and child.weight.dtype == torch.float32]
+    if not targets:
+        return False
+    try:  # the private ops must exist *and* reproduce F.linear on a real weight before we trust them
+        probe = targets[0][2]
+        x = torch.randn(3, probe.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, probe.weight, probe.bias)
+            got = _PackedLinear(probe)(x)
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            logger.info("oneDNN linear disagrees with F.linear; keeping torch kernels")
+            return False
+    except (RuntimeError, AttributeError) as exc:
+        logger.info("oneDNN linear unavailable (%s); keeping torch kernels", exc)
+        return False
+    for parent, name, child in targets:
+        setattr(parent, name, _PackedLinear(child))
+    return True
