@@ -13,7 +13,7 @@ from things those do not do for a reward model on a CPU:
 - pairs are tokenized once up front and batched by length within shuffled buckets, so rows
   in a batch have nearly equal length and padding costs almost nothing;
 - no gradient checkpointing by default (the recomputation is a third more compute; the
-  135M default fits easily), fp32 on CPU (exact and, without AMX, as fast as bf16);
+  135M default fits easily), fp32 on CPU (exact; `--dtype bf16` for autocast);
 - logging reuses the training forward's rewards (dropout is off), no extra passes.
 
 Evaluation: agreement of the RM with the judge on held-out prompts (the split is by

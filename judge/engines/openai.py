@@ -159,6 +159,9 @@ class OpenAIEngine:
                  backoff_seconds: float = 0.5) -> None:
         if endpoint not in ("chat", "completions"):
             raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
+        # Engine specs ("openai:URL#model?top_logprobs=5") may hand numbers over as strings.
+        timeout, max_retries, concurrency = float(timeout), int(max_retries), int(concurrency)
+        top_logprobs, backoff_seconds = int(top_logprobs), float(backoff_seconds)
         if concurrency < 1 or max_retries < 0 or top_logprobs < 1:
             raise ValueError("need concurrency >= 1, max_retries >= 0 and top_logprobs >= 1")
         if api_key is None and api_key_env is not None:
