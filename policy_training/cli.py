@@ -3,6 +3,7 @@
     rlaif ppo --config ppo.yaml
     rlaif ppo --prompts prompts.jsonl --engine default --steps 200 --batch-size 8 --output-dir runs/ppo1
     rlaif ppo --config ppo.yaml --resume          # continue from the latest checkpoint
+    rlaif ppo --prompts prompts.jsonl --reward-model runs/rm   # a distilled RM (`rlaif train-rm`) as reward
 
 Every `PPOConfig` field is also a flag (`batch_size` -> `--batch-size`, booleans as
 `--flag/--no-flag`); flags override the YAML file, which overrides the defaults. The flags
@@ -48,7 +49,10 @@ def run_ppo(config: PPOConfig) -> Path:
     from policy_training.rewards import build_reward_source
 
     trainer = PPOTrainer(config, build_reward_source(config))
-    trainer.train(progress=True)
+    try:
+        trainer.train(progress=True)
+    finally:
+        trainer.close()
     return trainer.output_dir
 
 
@@ -69,11 +73,18 @@ def _build_ppo_command() -> Any:
             config = config_from_cli(config_file, kwargs)
         except ConfigError as exc:
             raise typer.BadParameter(str(exc)) from None
-        if config.judge_url is None and config.engine is None:
-            raise typer.BadParameter("no reward source: give --judge-url URL (a running `rlaif serve`) "
-                                     "or --engine SPEC (an in-process judge, e.g. --engine default)")
+        if config.judge_url is None and config.engine is None and config.reward_model is None:
+            from policy_training.rewards import NO_REWARD_SOURCE
+
+            raise typer.BadParameter(NO_REWARD_SOURCE)
         if config.prompts is None:
             raise typer.BadParameter("no prompts: give --prompts FILE (.jsonl/.json/.txt)")
+        if config.reward_model is not None:
+            from policy_training.reward_model import RM_CONFIG_FILE
+
+            if not (Path(config.reward_model) / RM_CONFIG_FILE).is_file():
+                raise typer.BadParameter(f"--reward-model {config.reward_model} is not a `rlaif train-rm` output "
+                                         f"directory (no {RM_CONFIG_FILE} in it)")
         run_dir = run_ppo(config)
         typer.echo(f"done: metrics, plots and checkpoints in {run_dir}")
 

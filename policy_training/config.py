@@ -61,6 +61,10 @@ class PPOConfig(BaseModel):
     judge_url: str | None = Field(None, description="URL of a running `rlaif serve` judge service to score responses.")
     engine: str | None = Field(None, description=(
         "Engine spec for an in-process judge (`default`, `hf:<model>`, `vllm:<model>`, `openai:<url>#<model>`)."))
+    reward_model: str | None = Field(None, description=(
+        "Directory written by `rlaif train-rm`: score responses with this distilled reward model (one forward "
+        "pass per response) instead of a judge. Its raw scores are the rewards (reward_mode/rubric do not apply)."))
+    reward_model_batch_size: int = Field(16, ge=1, description="reward_model: sequences per scoring forward pass.")
     rubric: str | None = Field(None, description=(
         "Rubric id (built-in library) or rubric YAML path; unset = the judge's default for reward_mode. Several "
         "rubrics are combined as a weighted sum: `helpfulness:0.7,harmlessness:0.3` (in YAML also a list of "
@@ -174,8 +178,14 @@ class PPOConfig(BaseModel):
                 f"batch_size * group_size = {rollouts} responses cannot fill num_minibatches * "
                 f"gradient_accumulation_steps = {parts} micro-batches; lower num_minibatches or "
                 f"gradient_accumulation_steps, or raise batch_size")
-        if self.judge_url is not None and self.engine is not None:
-            raise ValueError("give either judge_url or engine, not both")
+        given = [name for name in ("judge_url", "engine", "reward_model") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one reward source, not {' and '.join(given)}: judge_url (a judge service), "
+                             "engine (an in-process judge) or reward_model (a `rlaif train-rm` directory)")
+        if self.reward_model is not None and (self.rubric is not None or self.reward_mode != "score"
+                                              or self.reference_column is not None):
+            raise ValueError("rubric, reward_mode: pairwise and reference_column configure a judge; a reward_model "
+                             "scores each response directly, so remove them or drop reward_model")
         if self.reference_column is not None and self.reward_mode != "pairwise":
             raise ValueError("reference_column only applies to reward_mode: pairwise; remove it or set reward_mode: pairwise")
         if self.rubric is not None:

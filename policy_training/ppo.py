@@ -45,7 +45,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -60,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from policy_training.config import ConfigError, PPOConfig
+from policy_training.distributed import DistContext
 from policy_training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -251,13 +251,6 @@ class PPOTrainer:
     """
 
     def __init__(self, config: PPOConfig, reward_source: RewardSource, prompts: Sequence[str] | None = None) -> None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:
-            # Under `accelerate launch` / torchrun every process would run its own unsynchronized copy
-            # of the run into the same output_dir; refuse rather than silently train N diverging policies.
-            raise ConfigError(f"PPOTrainer is single-process, but WORLD_SIZE={world_size}: launch one process "
-                              f"(device: cuda for a GPU), or use TRL's trainers with policy_training.rewards."
-                              f"trl_reward_func for multi-GPU data parallelism (see docs/ppo.md, Scale-out)")
         self.config = config
         self.reward_source = reward_source
         if prompts is None:
@@ -270,8 +263,14 @@ class PPOTrainer:
 
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if config.device == "auto" else config.device)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        # Under `accelerate launch` / torchrun: join the group; each process drives its own GPU.
+        self.dist = DistContext.from_env(device)
+        if self.dist.enabled and device == "cuda":
+            device = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
@@ -291,6 +290,10 @@ class PPOTrainer:
         if checkpoint is not None:
             self._check_resumable(checkpoint)
         self._build_models(checkpoint)
+        if self.dist.enabled:
+            self.dist.broadcast_parameters(self._trainable_parameters())
+            # Same weights everywhere, but each process samples its own responses.
+            torch.manual_seed(config.seed + self.dist.rank)
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         if checkpoint is not None:
@@ -373,8 +376,12 @@ class PPOTrainer:
                 self.value_model.parameters(), lr=cfg.value_learning_rate or cfg.learning_rate,
                 weight_decay=cfg.weight_decay)
 
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        optimizers = [self.policy_optimizer] + ([self.value_optimizer] if self.value_optimizer is not None else [])
+        return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
     def _make_tensorboard(self) -> Any:
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or not self.dist.is_main:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -386,16 +393,21 @@ class PPOTrainer:
     # --------------------------------------------------------------- prompts and generation
 
     def _next_prompts(self) -> list[str]:
-        """Next `batch_size` prompts of a seeded shuffle; reshuffles after each pass over the file."""
+        """This process's `batch_size` prompts of the next step.
+
+        All processes walk the same seeded shuffle (reshuffled after each pass over the file)
+        and take disjoint slices of `batch_size * world_size` consecutive entries."""
+        wanted = self.config.batch_size * self.dist.world_size
         picked: list[int] = []
-        while len(picked) < self.config.batch_size:
+        while len(picked) < wanted:
             if self._pointer >= len(self._order):
                 self._order = torch.randperm(len(self.prompts), generator=self.sampler_gen).tolist()
                 self._pointer = 0
-            take = min(self.config.batch_size - len(picked), len(self._order) - self._pointer)
+            take = min(wanted - len(picked), len(self._order) - self._pointer)
             picked.extend(self._order[self._pointer:self._pointer + take])
             self._pointer += take
-        return [self.prompts[i] for i in picked]
+        mine = picked[self.dist.rank * self.config.batch_size:(self.dist.rank + 1) * self.config.batch_size]
+        return [self.prompts[i] for i in mine]
 
     def _encode_prompt(self, prompt: str) -> list[int]:
         tok = self.tokenizer
@@ -635,15 +647,17 @@ class PPOTrainer:
         if returns is not None:
             record["explained_variance"] = float(explained_variance(stats["values"], returns, mask & valid[:, None]))
 
-        if int(usable.sum()) == 0:
+        if int(usable.sum()) == 0 and not self.dist.enabled:
             logger.warning("step %d: no usable samples (all rewards missing); skipping the update", self.step_count + 1)
-        else:
+        else:  # distributed: every process joins each gradient all-reduce, with or without samples
             keep = usable.nonzero().squeeze(1)  # indices of samples that enter the loss
             record.update(self._update(rollout, keep, stats, advantages, returns))
-        self.kl_ctl.update(record["kl"], len(rollout.prompts))
+        record = self.dist.merge_records(record)
+        self.kl_ctl.update(record["kl"], len(rollout.prompts) * self.dist.world_size)
         self.step_count += 1
         record["step_s"] = time.perf_counter() - t0
-        self._write_samples(rollout, scores, valid)
+        if self.dist.is_main:
+            self._write_samples(rollout, scores, valid)
         return record
 
     def _advantages(self, stats: dict[str, Tensor], mask: Tensor, penalized: Tensor, seq_reward: Tensor,
@@ -727,10 +741,11 @@ class PPOTrainer:
                 if self.value_model is not None:
                     assert self.value_optimizer is not None
                     logs["value_grad_norm"].append(self._optimizer_step(self.value_optimizer))
-        return {k: sum(v) / len(v) for k, v in logs.items()}
+        return {k: sum(v) / len(v) for k, v in logs.items() if v}
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
         # Everything the optimizer updates is clipped together (the shared critic's head included).
+        self.dist.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return 0.0
@@ -749,7 +764,8 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step_count, disable=not progress, desc="ppo", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.step_count, disable=not progress or not self.dist.is_main,
+                   desc="ppo", unit="step")
         try:
             while self.step_count < cfg.steps:
                 record = self.step()
@@ -759,7 +775,7 @@ class PPOTrainer:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
                 if cfg.save_every and self.step_count % cfg.save_every == 0:
                     self.save_checkpoint()
-                elif cfg.plot_every and self.step_count % cfg.plot_every == 0:
+                elif cfg.plot_every and self.step_count % cfg.plot_every == 0 and self.dist.is_main:
                     self.plot()
             if not (self.output_dir / f"{CHECKPOINT_PREFIX}{self.step_count}").is_dir():
                 self.save_checkpoint()
@@ -769,10 +785,16 @@ class PPOTrainer:
                 self._tb.flush()
         return self.history
 
+    def close(self) -> None:
+        """Leave the process group this trainer joined (distributed runs); a no-op otherwise."""
+        self.dist.close()
+
     def _log(self, record: dict[str, Any]) -> None:
         # NaN (e.g. explained variance of constant returns) becomes null: metrics.jsonl stays strict JSON.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.history.append(record)
+        if not self.dist.is_main:
+            return
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
@@ -806,12 +828,29 @@ class PPOTrainer:
         return max(found)[1] if found else None
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoint-{step}/`; a temp folder renamed at the end, so a crash never leaves half a checkpoint."""
+        """Write `checkpoint-{step}/`; a temp folder renamed at the end, so a crash never leaves half a checkpoint.
+
+        Distributed: rank 0 writes the (identical) weights and optimizer state, every process
+        its own RNG state; the others wait until the checkpoint is complete."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step_count}"
         tmp = self.output_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step_count}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "sampler": self.sampler_gen.get_state(), "update": self.update_gen.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / _rng_file(self.dist.rank))
+        self.dist.barrier()
+        if self.dist.is_main:
+            self._write_checkpoint(tmp, final)
+        self.dist.barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
         self.policy.save_pretrained(tmp / "policy")
         self.tokenizer.save_pretrained(tmp / "policy")
         if self.value_model is not None:
@@ -824,11 +863,6 @@ class PPOTrainer:
         if self.value_optimizer is not None:
             optim["value"] = self.value_optimizer.state_dict()
         torch.save(optim, tmp / "optimizer.pt")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "sampler": self.sampler_gen.get_state(), "update": self.update_gen.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pt")
         state = {
             "step": self.step_count,
             "kl_controller": self.kl_ctl.state_dict(),
@@ -845,7 +879,6 @@ class PPOTrainer:
         tmp.rename(final)
         self.plot()
         logger.info("saved %s", final)
-        return final
 
     def _check_resumable(self, checkpoint: Path) -> None:
         """Refuse a checkpoint whose model layout differs from the config, before loading any weights."""
@@ -870,7 +903,16 @@ class PPOTrainer:
         self.policy_optimizer.load_state_dict(optim["policy"])
         if self.value_optimizer is not None:
             self.value_optimizer.load_state_dict(optim["value"])
-        rng = torch.load(checkpoint / "rng_state.pt", weights_only=False)
+        rng_path = checkpoint / _rng_file(self.dist.rank)
+        if not rng_path.is_file():  # resumed with more processes than the run had: a fresh stream per rank
+            logger.info("%s has no RNG state for rank %d; seeding it afresh", checkpoint, self.dist.rank)
+            torch.manual_seed(self.config.seed + self.dist.rank + 7919 * self.step_count)
+            rng_path = checkpoint / _rng_file(0)
+            rng = torch.load(rng_path, weights_only=False)
+            self.sampler_gen.set_state(rng["sampler"])
+            self.update_gen.set_state(rng["update"])
+            return self._truncate_logs(checkpoint)
+        rng = torch.load(rng_path, weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -878,7 +920,13 @@ class PPOTrainer:
         self.update_gen.set_state(rng["update"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        # Steps logged after this checkpoint will be redone: drop them so the log has no duplicates.
+        self._truncate_logs(checkpoint)
+
+    def _truncate_logs(self, checkpoint: Path) -> None:
+        """Steps logged after this checkpoint will be redone: drop them so the log has no duplicates."""
+        if not self.dist.is_main:
+            logger.info("resumed from %s at step %d", checkpoint, self.step_count)
+            return
         for name in ("metrics.jsonl", "samples.jsonl"):
             path = self.output_dir / name
             if path.is_file():
@@ -888,6 +936,11 @@ class PPOTrainer:
                 if name == "metrics.jsonl":
                     self.history = [json.loads(line) for line in lines]
         logger.info("resumed from %s at step %d", checkpoint, self.step_count)
+
+
+def _rng_file(rank: int) -> str:
+    """Each process's RNG state; rank 0 keeps the single-process name, so checkpoints stay compatible."""
+    return "rng_state.pt" if rank == 0 else f"rng_state_rank{rank}.pt"
 
 
 def _mean(x: Tensor) -> float:

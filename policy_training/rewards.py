@@ -269,9 +269,14 @@ def trl_async_reward_func(source: RewardSource, name: str | None = None) -> Call
 # ----------------------------------------------------------------------------- from config
 
 
+NO_REWARD_SOURCE = ("no reward source: give --judge-url URL (a running `rlaif serve`), --engine SPEC (an "
+                    "in-process judge, e.g. --engine default) or --reward-model DIR (a `rlaif train-rm` output)")
+
+
 def build_reward_source(config: PPOConfig) -> RewardSource:
-    """The reward source a CLI run asks for: the judge service (`judge_url`) or an in-process
-    judge (`engine`), optionally wrapped in a `RunningNormalizer`."""
+    """The reward source a CLI run asks for: the judge service (`judge_url`), an in-process
+    judge (`engine`) or a distilled reward model (`reward_model`), optionally wrapped in a
+    `RunningNormalizer`."""
     if config.judge_url:
         from policy_training.judge_rewards import HTTPJudgeReward
 
@@ -280,10 +285,21 @@ def build_reward_source(config: PPOConfig) -> RewardSource:
         from policy_training.judge_rewards import LocalJudgeReward
 
         source = LocalJudgeReward.from_config(config)
+    elif config.reward_model:
+        from policy_training.rm_reward import RewardModelReward
+
+        device = config.device if config.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+        source = RewardModelReward.from_path(config.reward_model, batch_size=config.reward_model_batch_size,
+                                             device=device)
     else:
-        raise ValueError("no reward source configured: give --judge-url URL (a running judge service) "
-                         "or --engine SPEC (an in-process judge, e.g. `default`)")
+        raise ValueError(NO_REWARD_SOURCE)
     if config.normalize_rewards or config.reward_clip is not None:
         source = RunningNormalizer(source, clip=config.reward_clip, center=config.normalize_rewards,
                                    scale=config.normalize_rewards)
     return source
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -20,27 +20,7 @@ from policy_training.cli import config_from_cli, register
 from policy_training.config import ConfigError, PPOConfig
 from policy_training.ppo import PLOT_FILE, PPOTrainer
 from policy_training.rewards import FunctionReward, build_reward_source
-
-VOCAB = ["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c", "d", "e", "f", "g", "h", "x", "y", "z", "w"]
-PROMPTS = ["a b c", "d e", "f g h a", "b", "c c d e f", "h"]
-
-
-def make_tiny_policy(path: Path, seed: int = 0) -> str:
-    """Save a randomly initialized tiny Llama + word-level tokenizer (pad != EOS) to `path`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+from tests.tiny_policy import PROMPTS, make_tiny_policy
 
 
 def distinct_words(prompt: str, response: str) -> float:
@@ -229,7 +209,7 @@ CONFIG_ERRORS = [
     # more micro-batches than samples
     ({"batch_size": 2, "num_minibatches": 4}, "lower num_minibatches"),
     # two reward sources at once
-    ({"judge_url": "http://x", "engine": "default"}, "not both"),
+    ({"judge_url": "http://x", "engine": "default"}, "give one reward source, not judge_url and engine"),
 ]
 
 
@@ -259,7 +239,7 @@ def test_cli_registers_ppo_and_requires_a_judge(tmp_path):
     prompts.write_text("hello\n")
     result = runner.invoke(app, ["ppo", "--prompts", str(prompts), "--steps", "1"], terminal_width=200)
     assert result.exit_code == 2
-    assert "give --judge-url URL" in result.output and "--engine SPEC" in result.output
+    assert "give --judge-url URL" in result.output and "--engine SPEC" in result.output and "--reward-model DIR" in result.output
 
 
 def test_cli_flags_override_the_yaml_file(tmp_path):

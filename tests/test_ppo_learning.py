@@ -30,32 +30,7 @@ from policy_training.rewards import (
     trl_async_reward_func,
     trl_reward_func,
 )
-
-VOCAB = ["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c", "d", "e", "f", "g", "h", "x", "y", "z", "w"]
-PROMPTS = ["a b c", "d e", "f g h a", "b", "c c d e f", "h"]
-
-
-def make_tiny_policy(path: Path, seed: int = 0) -> str:
-    """Save a randomly initialized tiny Llama + word-level tokenizer (pad != EOS) to `path`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def fraction_of_x(prompt: str, response: str) -> float:
-    words = response.split()
-    return words.count("x") / len(words) if words else 0.0
+from tests.tiny_policy import PROMPTS, fraction_of_x, make_tiny_policy
 
 
 @pytest.fixture(scope="module")

@@ -540,3 +540,41 @@ def test_training_on_real_judge_labels(tmp_path, tiny_base, default_engine):
     trainer.train()
     after = evaluate_pairs(trainer.rm, trainer.train_pairs, batch_size=16, shared_prefix=True)
     assert after["loss"] < before["loss"]
+
+
+# ============================================================================ `rlaif ppo --reward-model`
+
+
+def test_ppo_config_takes_one_reward_source(tmp_path):
+    from policy_training.config import ConfigError, PPOConfig
+
+    with pytest.raises(ConfigError, match="one reward source, not engine and reward_model"):
+        PPOConfig.validated({"engine": "default", "reward_model": str(tmp_path)})
+    with pytest.raises(ConfigError, match="configure a judge"):
+        PPOConfig.validated({"reward_model": str(tmp_path), "rubric": "helpfulness"})
+    with pytest.raises(ConfigError, match="configure a judge"):
+        PPOConfig.validated({"reward_model": str(tmp_path), "reward_mode": "pairwise"})
+
+
+def test_cli_ppo_trains_against_a_distilled_reward_model(tmp_path, tiny_base):
+    """`rlaif ppo --reward-model DIR`: every logged sample's reward is the RM's score of that response."""
+    rm = RewardModel.from_base(str(tiny_base), max_length=128)
+    rm.save(tmp_path / "rm")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a color.\nSay hello.\nCount to three.\nName a fruit.\n")
+    missing = run_cli(["ppo", "--prompts", str(prompts), "--policy", str(tiny_base), "--reward-model",
+                       str(tmp_path / "nowhere"), "--steps", "1"])
+    flat = " ".join(missing.output.replace("│", " ").split())  # undo rich's box and line wrapping
+    assert missing.exit_code == 2 and "not a `rlaif train-rm` output directory" in flat
+    out = tmp_path / "run"
+    result = run_cli(["ppo", "--prompts", str(prompts), "--policy", str(tiny_base), "--reward-model",
+                      str(tmp_path / "rm"), "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6",
+                      "--ppo-epochs", "1", "--log-samples", "2", "--output-dir", str(out), "--save-every", "0",
+                      "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["reward"]) for m in metrics)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    expected = RewardModel.load(tmp_path / "rm").score([s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert [s["reward"] for s in samples] == pytest.approx(expected, abs=1e-4)
