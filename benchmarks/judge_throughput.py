@@ -5,12 +5,26 @@ Same machine, same model (SmolLM2-135M-Instruct), same 64 pairwise prompts (the
 presentation order, ~384 tokens each with the chat template) for every method:
 
 - `hf-batched`: `HFEngine.label_probs` (shared-prefix KV, padding-aware batches, oneDNN linears).
+- `hf-batched-bf16`: the same engine with `dtype=bfloat16` (`hf:<path>?dtype=bf16`): bf16
+  weights and activations through oneDNN's AVX512-BF16 kernels, fp32 log-softmax. Needs a
+  CPU with AVX512-BF16 or AMX to pay off; precision comparable to llama.cpp's Q4_1 or better.
 - `hf-naive`: plain transformers, `generate()` one prompt at a time (greedy, 4 new tokens),
   the first "A"/"B" in the text is the verdict. What one writes without an engine.
 - `llamacpp-cache` / `llamacpp-nocache`: llama.cpp's server (xllamacpp) on the Q4_1 GGUF the
   dequantized checkpoint comes from, queried one prompt at a time by `OpenAIEngine`
   (top-20 log-probs, 1 slot) with `cache_prompt` true (llama.cpp's default: the common
-  prefix with the previous prompt is reused) and false.
+  prefix with the previous prompt is reused) and false. Note: the xllamacpp wheel is built
+  for AVX2 (its binary holds no AVX-512 instructions), so on an AVX-512 CPU it is not
+  llama.cpp's best.
+- `llamacpp-native` (only with `--native-python PY`): llama-cpp-python's server compiled on
+  this machine (`GGML_NATIVE=ON`: AVX-512/VNNI where the CPU has them), run by the
+  interpreter PY, queried on `/v1/completions` with the same chat-templated text. It always
+  reuses the common prefix with the previous prompt (its `Llama` object keeps the KV of the
+  last call). Build it once in a venv:
+
+      python -m venv /tmp/lcp
+      CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/lcp/bin/pip install 'llama-cpp-python[server]'
+      python benchmarks/judge_throughput.py --runs 3 --native-python /tmp/lcp/bin/python
 
 Every method is warmed up once, then the timed runs are interleaved (run 1 of every method,
 then run 2, ...) so slow drift on a shared machine hits all methods alike. Caches are not
@@ -41,7 +55,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo (judge,
     sys.path.insert(0, str(REPO))
 
 DATA = REPO / "benchmarks" / "data" / "hh_rlhf_harmless_base_test_first64.jsonl"
-METHODS = ("hf-batched", "hf-naive", "llamacpp-cache", "llamacpp-nocache")
+METHODS = ("hf-batched", "hf-batched-bf16", "hf-naive", "llamacpp-cache", "llamacpp-nocache", "llamacpp-native")
 
 
 @dataclass
@@ -69,10 +83,10 @@ Runner = Callable[[list[list[dict[str, str]]]], list[str]]
 """Judges a list of prompts, returns the verdict ("A"/"B") for each."""
 
 
-def hf_batched(labels: list[str]) -> Runner:
+def hf_batched(labels: list[str], spec: str = "default") -> Runner:
     from judge.engines import build_engine
 
-    engine = build_engine("default")
+    engine = build_engine(spec)
     print(f"# hf-batched: linear kernels = {engine.cpu_kernels_in_use}", file=sys.stderr)
 
     def run(prompts) -> list[str]:
@@ -118,6 +132,59 @@ def llamacpp(server, labels: list[str], cache_prompt: bool) -> Runner:
     return run
 
 
+class NativeLlamaCppServer:
+    """llama-cpp-python's OpenAI-compatible server in a child process on a free 127.0.0.1 port."""
+
+    def __init__(self, python: str, threads: int) -> None:
+        import subprocess
+        import tempfile
+
+        import httpx
+
+        from judge.models import default_gguf_path
+        from tests.conftest import free_port
+
+        port = free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="llamacpp-native-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [python, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
+             "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
+             "--model_alias", "smollm2"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"llama_cpp.server exited; log: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit("llama_cpp.server did not become ready in 180 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - last resort
+            self.process.kill()
+
+
+def llamacpp_native(server: NativeLlamaCppServer, labels: list[str]) -> Runner:
+    from judge.engines.openai import OpenAIEngine
+    from judge.models import plain_checkpoint
+
+    engine = OpenAIEngine(server.base_url, "smollm2", endpoint="completions", tokenizer=str(plain_checkpoint()),
+                          concurrency=1, timeout=600.0)
+
+    def run(prompts) -> list[str]:
+        probs = engine.label_probs(prompts, labels)
+        return [labels[int(i)] for i in probs.argmax(axis=1)]
+    return run
+
+
 def machine_line(threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -142,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--json", type=Path, help="also write raw timings here")
+    parser.add_argument("--native-python", help="interpreter with llama-cpp-python[server] built natively: adds "
+                        "the llamacpp-native method")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -158,20 +227,26 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(plain_checkpoint())
     lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
                for p in prompts]
-    methods = [m for m in METHODS if m not in args.skip]
+    methods = [m for m in METHODS if m not in args.skip and (m != "llamacpp-native" or args.native_python)]
     load_at_start = load_average()
-    server = None
+    server = native = None
     runners: dict[str, Runner] = {}
     try:
-        if any(m.startswith("llamacpp") for m in methods):
+        if "llamacpp-native" in methods:
+            native = NativeLlamaCppServer(args.native_python, args.threads)
+        if any(m in ("llamacpp-cache", "llamacpp-nocache") for m in methods):
             from tests.llamacpp import start_llamacpp_server
 
             server = start_llamacpp_server(threads=args.threads, parallel=1, cache_ram_mib=0)
         for method in methods:
             if method == "hf-batched":
                 runners[method] = hf_batched(labels)
+            elif method == "hf-batched-bf16":
+                runners[method] = hf_batched(labels, "default?dtype=bf16")
             elif method == "hf-naive":
                 runners[method] = hf_naive()
+            elif method == "llamacpp-native":
+                runners[method] = llamacpp_native(native, labels)
             else:
                 runners[method] = llamacpp(server, labels, cache_prompt=method == "llamacpp-cache")
         results = {m: Result(m) for m in methods}
@@ -189,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             server.stop()
+        if native is not None:
+            native.stop()
 
     medians = {m: statistics.median(r.rates(len(prompts))) for m, r in results.items()}
     reference = medians.get("llamacpp-cache")
