@@ -144,6 +144,8 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     examples = examples[: args.score_pairs]
     n = len(examples)
     rm = RewardModel.from_base(args.base, max_length=args.max_length)
+    rm.pack_for_inference()  # as RewardModelReward and the service load it (oneDNN kernels on CPU)
+    print(f"# RM scoring kernels: {rm.cpu_kernels}", file=sys.stderr)
     prompts = [e.prompt for e in examples]
     rm.score(prompts[:2], [e.chosen for e in examples[:2]])  # warm-up
     with Clock() as flat:

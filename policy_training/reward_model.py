@@ -427,6 +427,9 @@ class RewardModel:
         self.formatter = PairFormatter(tokenizer, prompt_format)
         self.metadata = dict(metadata or {})
         self.head = self._find_head(model)
+        self.cpu_kernels = "torch"
+        """`onednn` once `pack_for_inference` swapped the trunk's linear layers."""
+        self.inference_only = False
         self.backbone = getattr(model, model.base_model_prefix, None) if self.head is not None else None
 
     # ------------------------------------------------------------------ construction
@@ -456,8 +459,11 @@ class RewardModel:
         return rm
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> RewardModel:
-        """Load a directory written by `save` (or by `rlaif train-rm`), ready to score."""
+    def load(cls, path: str | Path, device: str = "cpu", *, inference: bool = False) -> RewardModel:
+        """Load a directory written by `save` (or by `rlaif train-rm`), ready to score.
+
+        `inference=True` (PPO reward source, service) also swaps in the fast CPU kernels
+        (`pack_for_inference`); leave it off to fine-tune or re-save the loaded model."""
         from transformers import AutoModelForSequenceClassification
 
         from judge.models import load_tokenizer
@@ -473,11 +479,30 @@ class RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
         model.to(device)
         model.eval()
-        return cls(model, tokenizer, max_length=int(meta["max_length"]), prompt_format=meta["prompt_format"],
-                   metadata=meta)
+        rm = cls(model, tokenizer, max_length=int(meta["max_length"]), prompt_format=meta["prompt_format"],
+                 metadata=meta)
+        if inference:
+            rm.pack_for_inference()
+        return rm
+
+    def pack_for_inference(self) -> bool:
+        """Scoring only from now on: on CPU (fp32), run the trunk's linear layers through oneDNN
+        with pre-packed weights (`judge.cpu_kernels`, ~2x on AMD CPUs; scores agree to ~1e-5).
+        The scalar head stays a plain `nn.Linear`. Afterwards the model can be neither trained nor
+        saved. Returns whether the fast kernels are in use (False on CUDA or without oneDNN)."""
+        from judge.cpu_kernels import use_onednn_linears
+
+        packed = use_onednn_linears(self.model, self.device, exclude=[self.head] if self.head is not None else [])
+        if packed:
+            self.cpu_kernels = "onednn"
+            self.inference_only = True
+        return packed
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """`save_pretrained` weights + tokenizer + the sidecar describing the input format."""
+        if self.inference_only:
+            raise RuntimeError("this reward model was packed for inference (load(..., inference=True)); "
+                               "load it without inference=True to save or train it")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)

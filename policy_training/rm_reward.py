@@ -25,14 +25,14 @@ class RewardModelReward:
                  name: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model if isinstance(model, RewardModel) else RewardModel.load(model, device=device)
+        self.model = model if isinstance(model, RewardModel) else RewardModel.load(model, device=device, inference=True)
         self.batch_size = batch_size
         self.name = name or "reward_model"
 
     @classmethod
     def from_path(cls, path: str | Path, *, batch_size: int = 16, device: str = "cpu") -> RewardModelReward:
-        """Load a `rlaif train-rm` output directory."""
-        return cls(RewardModel.load(path, device=device), batch_size=batch_size)
+        """Load a `rlaif train-rm` output directory, with the fast inference kernels (scoring only)."""
+        return cls(RewardModel.load(path, device=device, inference=True), batch_size=batch_size)
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float | None]:
         if len(prompts) != len(responses):

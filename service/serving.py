@@ -289,7 +289,7 @@ def load_components(settings: ServiceSettings, engine: Engine | None = None) -> 
     from policy_training.reward_model import RewardModel  # only imported when a reward model is served
 
     path = Path(settings.reward_model)
-    reward_model = RewardModel.load(path, device=settings.reward_model_device)
+    reward_model = RewardModel.load(path, device=settings.reward_model_device, inference=True)
     return engine, reward_model, str(path)
 
 

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from judge.cpu_kernels import use_onednn_linears
 from judge.engines.base import EngineError, GenerationParams, normalize_log_probs
 from judge.models import load_causal_lm
 from judge.types import ChatPrompt
@@ -94,7 +95,7 @@ class HFEngine:
             raise ValueError(f"cpu_kernels must be 'auto', 'onednn' or 'torch', got {cpu_kernels!r}")
         self.cpu_kernels_in_use = "torch"
         if cpu_kernels == "onednn" or (cpu_kernels == "auto" and owns_model):
-            if _use_onednn_linears(model, self.device):
+            if use_onednn_linears(model, self.device):
                 self.cpu_kernels_in_use = "onednn"
 
     @property
@@ -410,50 +411,3 @@ def _common_prefix(sequences: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------- oneDNN linears
-class _PackedLinear(torch.nn.Module):
-    """Inference-only stand-in for `nn.Linear`: oneDNN fp32 GEMM on a weight packed once."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend=onednn"
-
-
-def _use_onednn_linears(model: torch.nn.Module, device: torch.device) -> bool:
-    """Swap the decoder's fp32 `nn.Linear`s for `_PackedLinear`s if oneDNN is there and agrees.
-
-    The output/embedding projection is left alone (it is tied to the input embeddings and only
-    ever sees one row per sequence). Returns whether the swap happened.
-    """
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return False
-    output = model.get_output_embeddings()
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is torch.nn.Linear and child is not output and child.weight.dtype == torch.float32]
-    if not targets:
-        return False
-    try:  # the private ops must exist *and* reproduce F.linear on a real weight before we trust them
-        probe = targets[0][2]
-        x = torch.randn(3, probe.in_features, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            expected = torch.nn.functional.linear(x, probe.weight, probe.bias)
-            got = _PackedLinear(probe)(x)
-        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-            logger.info("oneDNN linear disagrees with F.linear; keeping torch kernels")
-            return False
-    except (RuntimeError, AttributeError) as exc:
-        logger.info("oneDNN linear unavailable (%s); keeping torch kernels", exc)
-        return False
-    for parent, name, child in targets:
-        setattr(parent, name, _PackedLinear(child))
-    return True
