@@ -63,6 +63,13 @@ class DistContext:
             return cls()
         import torch.distributed as dist
 
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing and not dist.is_initialized():
+            from policy_training.config import ConfigError
+
+            raise ConfigError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start data-parallel runs "
+                              f"with torchrun or accelerate launch (they set all of these), or unset WORLD_SIZE "
+                              f"for a single process")
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
         owns = False

@@ -356,8 +356,12 @@ def test_docs_config_reference_is_current():
     assert config_reference_markdown() in docs, "docs/ppo.md's config reference is stale: regenerate it"
 
 
-def test_trainer_refuses_multi_process_launch(monkeypatch, tmp_path):
-    # `accelerate launch --num_processes 2` would otherwise run two unsynchronized copies into one output_dir.
+def test_trainer_explains_an_incomplete_launch_environment(monkeypatch, tmp_path):
+    """WORLD_SIZE without the rest of the launcher's variables: a clear message, not torch's rendezvous error.
+    (Real 2-process runs are in test_ppo_distributed.py.)"""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="single-process"):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="torchrun or accelerate launch") as info:
         PPOTrainer(PPOConfig(output_dir=str(tmp_path)), LocalJudgeReward(DeterministicEngine()), prompts=["x"])
+    assert "RANK" in str(info.value) and "MASTER_ADDR" in str(info.value)
