@@ -10,7 +10,9 @@ How:
   share a batch when their key matches (the service uses `(kind, rubric, mode)`), because a
   batch runs through one judge.
 - One dispatcher task takes the oldest request, waits at most `max_wait_s` (counted from
-  that request's arrival) for more requests with the same key, then takes FIFO requests of
+  that request's arrival, or from the end of the previous batch if that is later: the
+  clients it just answered are about to send their next request) for more requests with
+  the same key, then takes FIFO requests of
   that key up to `max_batch_size` items (a request is never split; a larger one runs alone).
 - The batch runs in a single worker thread, so the event loop keeps accepting requests
   (which become the next batch) while the engine computes; one thread because the engine
@@ -80,6 +82,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._last_batch_end = float("-inf")  # loop time when the last engine batch returned
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -159,7 +162,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 await self._wakeup.wait()
                 continue
             head = self._pending[0]
-            deadline = head.enqueued + self.max_wait_s
+            # Wait for joiners until max_wait after the head arrived *or* after the last batch ended:
+            # the clients that batch just answered resubmit within milliseconds, and without the
+            # second clause a closed loop of N clients settles into alternating half-size batches.
+            deadline = max(head.enqueued, self._last_batch_end) + self.max_wait_s
             # Give same-key requests until the head's deadline to join, unless the batch is already full.
             while not self._closing and self._queued_items(head.key) < self.max_batch_size:
                 remaining = deadline - loop.time()
@@ -174,6 +180,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             if batch:
                 try:
                     await self._execute(head.key, batch, isolate=len(batch) > 1)
+                    self._last_batch_end = loop.time()
                 except Exception:  # never let one bad batch kill the dispatcher
                     logger.exception("micro-batcher: unexpected error while executing a batch")
                     for entry in batch:
