@@ -83,16 +83,20 @@ Runner = Callable[[list[list[dict[str, str]]]], list[str]]
 """Judges a list of prompts, returns the verdict ("A"/"B") for each."""
 
 
+def label_runner(engine, labels: list[str]) -> Runner:
+    """Verdict per prompt = the label with the highest probability from `engine.label_probs`."""
+    def run(prompts) -> list[str]:
+        probs = engine.label_probs(prompts, labels)
+        return [labels[int(i)] for i in probs.argmax(axis=1)]
+    return run
+
+
 def hf_batched(labels: list[str], spec: str = "default") -> Runner:
     from judge.engines import build_engine
 
     engine = build_engine(spec)
     print(f"# hf-batched: linear kernels = {engine.cpu_kernels_in_use}", file=sys.stderr)
-
-    def run(prompts) -> list[str]:
-        probs = engine.label_probs(prompts, labels)
-        return [labels[int(i)] for i in probs.argmax(axis=1)]
-    return run
+    return label_runner(engine, labels)
 
 
 def hf_naive() -> Runner:
@@ -125,11 +129,7 @@ def llamacpp(server, labels: list[str], cache_prompt: bool) -> Runner:
 
     engine = OpenAIEngine(server.base_url, "smollm2", concurrency=1, timeout=600.0,
                           extra_body={"cache_prompt": cache_prompt})
-
-    def run(prompts) -> list[str]:
-        probs = engine.label_probs(prompts, labels)
-        return [labels[int(i)] for i in probs.argmax(axis=1)]
-    return run
+    return label_runner(engine, labels)
 
 
 class NativeLlamaCppServer:
@@ -178,11 +178,7 @@ def llamacpp_native(server: NativeLlamaCppServer, labels: list[str]) -> Runner:
 
     engine = OpenAIEngine(server.base_url, "smollm2", endpoint="completions", tokenizer=str(plain_checkpoint()),
                           concurrency=1, timeout=600.0)
-
-    def run(prompts) -> list[str]:
-        probs = engine.label_probs(prompts, labels)
-        return [labels[int(i)] for i in probs.argmax(axis=1)]
-    return run
+    return label_runner(engine, labels)
 
 
 def machine_line(threads: int) -> str:

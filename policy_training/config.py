@@ -226,6 +226,15 @@ class PPOConfig(BaseModel):
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
+def resolve_device(spec: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; any other device string as given."""
+    if spec != "auto":
+        return spec
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: field, what is wrong, and what the field expects."""
     lines = [f"invalid PPO config in {source}:"]

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policy_training.config import ConfigError, PPOConfig
+from policy_training.config import ConfigError, PPOConfig, resolve_device
 from policy_training.distributed import DistContext
 from policy_training.ppo_math import (
     AdaptiveKLController,
@@ -263,7 +263,7 @@ class PPOTrainer:
 
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        device = resolve_device(config.device)
         # Under `accelerate launch` / torchrun: join the group; each process drives its own GPU.
         self.dist = DistContext.from_env(device)
         if self.dist.enabled and device == "cuda":
@@ -378,7 +378,7 @@ class PPOTrainer:
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         optimizers = [self.policy_optimizer] + ([self.value_optimizer] if self.value_optimizer is not None else [])
-        return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        return [p for opt in optimizers for p in _optimized_parameters(opt)]
 
     def _make_tensorboard(self) -> Any:
         if not self.config.tensorboard or not self.dist.is_main:
@@ -745,8 +745,8 @@ class PPOTrainer:
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
         # Everything the optimizer updates is clipped together (the shared critic's head included).
-        self.dist.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.dist.average_gradients(_optimized_parameters(optimizer))
+        params = [p for p in _optimized_parameters(optimizer) if p.grad is not None]
         if not params:
             return 0.0
         if self.config.max_grad_norm is not None:
@@ -903,23 +903,20 @@ class PPOTrainer:
         self.policy_optimizer.load_state_dict(optim["policy"])
         if self.value_optimizer is not None:
             self.value_optimizer.load_state_dict(optim["value"])
-        rng_path = checkpoint / _rng_file(self.dist.rank)
-        if not rng_path.is_file():  # resumed with more processes than the run had: a fresh stream per rank
-            logger.info("%s has no RNG state for rank %d; seeding it afresh", checkpoint, self.dist.rank)
-            torch.manual_seed(self.config.seed + self.dist.rank + 7919 * self.step_count)
-            rng_path = checkpoint / _rng_file(0)
-            rng = torch.load(rng_path, weights_only=False)
-            self.sampler_gen.set_state(rng["sampler"])
-            self.update_gen.set_state(rng["update"])
-            return self._truncate_logs(checkpoint)
-        rng = torch.load(rng_path, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        own = checkpoint / _rng_file(self.dist.rank)
+        rng = torch.load(own if own.is_file() else checkpoint / _rng_file(0), weights_only=False)
+        # The prompt order and minibatch shuffles are the same on every rank.
         self.sampler_gen.set_state(rng["sampler"])
         self.update_gen.set_state(rng["update"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if own.is_file():
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:  # resumed with more processes than the run had: a fresh sampling stream for this rank
+            logger.info("%s has no RNG state for rank %d; seeding it afresh", checkpoint, self.dist.rank)
+            torch.manual_seed(self.config.seed + self.dist.rank + 7919 * self.step_count)
         self._truncate_logs(checkpoint)
 
     def _truncate_logs(self, checkpoint: Path) -> None:
@@ -936,6 +933,10 @@ class PPOTrainer:
                 if name == "metrics.jsonl":
                     self.history = [json.loads(line) for line in lines]
         logger.info("resumed from %s at step %d", checkpoint, self.step_count)
+
+
+def _optimized_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _rng_file(rank: int) -> str:

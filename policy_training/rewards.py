@@ -288,18 +288,13 @@ def build_reward_source(config: PPOConfig) -> RewardSource:
     elif config.reward_model:
         from policy_training.rm_reward import RewardModelReward
 
-        device = config.device if config.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+        from policy_training.config import resolve_device
+
         source = RewardModelReward.from_path(config.reward_model, batch_size=config.reward_model_batch_size,
-                                             device=device)
+                                             device=resolve_device(config.device))
     else:
         raise ValueError(NO_REWARD_SOURCE)
     if config.normalize_rewards or config.reward_clip is not None:
         source = RunningNormalizer(source, clip=config.reward_clip, center=config.normalize_rewards,
                                    scale=config.normalize_rewards)
     return source
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

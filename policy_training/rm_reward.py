@@ -32,7 +32,7 @@ class RewardModelReward:
     @classmethod
     def from_path(cls, path: str | Path, *, batch_size: int = 16, device: str = "cpu") -> RewardModelReward:
         """Load a `rlaif train-rm` output directory, with the fast inference kernels (scoring only)."""
-        return cls(RewardModel.load(path, device=device, inference=True), batch_size=batch_size)
+        return cls(path, batch_size=batch_size, device=device)
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float | None]:
         if len(prompts) != len(responses):

@@ -13,7 +13,7 @@ GPU with vLLM, or against any OpenAI-compatible server.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,3 +71,19 @@ def normalize_log_probs(log_probs: np.ndarray) -> np.ndarray:
     shifted = log_probs - log_probs.max(axis=-1, keepdims=True)
     probs = np.exp(shifted)
     return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def encode_chat_prompt(tokenizer: Any, prompt: ChatPrompt) -> list[int]:
+    """Chat template + generation header, tokenized without adding extra special tokens.
+
+    Engines that tokenize locally (HF, vLLM) share this, so both see the same ids for a prompt."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_label_ids(tokenizer: Any, label: str) -> list[int]:
+    """Token ids of a label as it follows the prompt; a label that tokenizes to nothing is an error."""
+    ids = list(tokenizer(label, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise EngineError(f"label {label!r} tokenizes to nothing")
+    return ids

@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from judge.cpu_kernels import use_onednn_linears
-from judge.engines.base import EngineError, GenerationParams, normalize_log_probs
+from judge.engines.base import (
+    EngineError,
+    GenerationParams,
+    encode_chat_prompt,
+    encode_label_ids,
+    normalize_log_probs,
+)
 from judge.models import load_causal_lm
 from judge.types import ChatPrompt
 
@@ -108,15 +114,10 @@ class HFEngine:
 
     # ------------------------------------------------------------------ tokenization
     def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
-        """Chat template + generation header, tokenized without adding extra special tokens."""
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat_prompt(self.tokenizer, prompt)
 
     def encode_label(self, label: str) -> list[int]:
-        ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise EngineError(f"label {label!r} tokenizes to nothing")
-        return ids
+        return encode_label_ids(self.tokenizer, label)
 
     # ------------------------------------------------------------------ label_probs
     def label_probs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:

@@ -34,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from judge.engines.base import EngineError, GenerationParams, normalize_log_probs
+from judge.engines.base import (
+    EngineError,
+    GenerationParams,
+    encode_chat_prompt,
+    encode_label_ids,
+    normalize_log_probs,
+)
 from judge.engines.openai import missing_label_floor
 from judge.types import ChatPrompt
 
@@ -78,14 +84,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ tokenization
     def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_chat_prompt(self.tokenizer, prompt)
 
     def encode_label(self, label: str) -> list[int]:
-        ids = list(self.tokenizer(label, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise EngineError(f"label {label!r} tokenizes to nothing")
-        return ids
+        return encode_label_ids(self.tokenizer, label)
 
     # ------------------------------------------------------------------ label_probs
     def label_probs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
