@@ -4,7 +4,7 @@ Same machine, same model (SmolLM2-135M-Instruct), same 64 pairwise prompts (the
 `helpfulness` rubric rendered on the first 64 hh-rlhf harmless-base test pairs, one
 presentation order, ~384 tokens each with the chat template) for every method:
 
-- `hf-batched`: `HFEngine.label_probs` (shared-prefix KV, padding-aware batches, oneDNN linears).
+- `hf-batched`: `HFEngine.label_logprobs` (radix-tree prefix KV, padding-aware batches, oneDNN linears).
 - `hf-batched-bf16`: the same engine with `dtype=bfloat16` (`hf:<path>?dtype=bf16`): bf16
   weights and activations through oneDNN's AVX512-BF16 kernels, fp32 log-softmax. Needs a
   CPU with AVX512-BF16 or AMX to pay off; precision comparable to llama.cpp's Q4_1 or better.
@@ -84,9 +84,9 @@ Runner = Callable[[list[list[dict[str, str]]]], list[str]]
 
 
 def label_runner(engine, labels: list[str]) -> Runner:
-    """Verdict per prompt = the label with the highest probability from `engine.label_probs`."""
+    """Verdict per prompt = the label with the highest probability from `engine.label_logprobs`."""
     def run(prompts) -> list[str]:
-        probs = engine.label_probs(prompts, labels)
+        probs = engine.label_logprobs(prompts, labels)
         return [labels[int(i)] for i in probs.argmax(axis=1)]
     return run
 

@@ -31,7 +31,7 @@ from judge.data import PreferenceExample, load_preferences_with_stats
 from judge.judges import PairwiseJudge
 from judge.metrics import (accuracy, expected_calibration_error, plot_reliability_diagram, reliability_bins,
                            shorter_answer_baseline, wilson_interval)
-from judge.types import PairwiseItem, PairwiseJudgment, Preference
+from judge.types import PairwiseItem, PairwiseJudgment, Preference, low_label_mass_warning
 
 
 class EvalReport(BaseModel):
@@ -52,6 +52,8 @@ class EvalReport(BaseModel):
     tie_rate: float
     ece: float = Field(description="Expected calibration error of P(slot A better) against the human label (10 bins).")
     shorter_answer_baseline: float
+    mean_label_mass: float = Field(description=(
+        "Mean P(the judge's reply is exactly a label) before normalizing over the labels; a warning below 0.5."))
     judgments_per_second: float
     seconds: float
     reliability_plot: str | None = None
@@ -122,6 +124,7 @@ def summarize(judgments: Sequence[PairwiseJudgment], chosen_is_a: Sequence[bool]
         position_consistency=consistency,
         tie_rate=float(np.mean([j.preference is Preference.TIE for j in judgments])),
         ece=expected_calibration_error(prob_a, outcome_a), shorter_answer_baseline=shorter_answer_baseline(examples),
+        mean_label_mass=float(np.mean([j.label_mass for j in judgments])),
         judgments_per_second=n / seconds if seconds > 0 else float("inf"), seconds=seconds)
     return report.model_copy(update={"warnings": judge_warnings(report)})
 
@@ -129,6 +132,9 @@ def summarize(judgments: Sequence[PairwiseJudgment], chosen_is_a: Sequence[bool]
 def judge_warnings(report: EvalReport) -> list[str]:
     """Plain-language reasons not to trust this judge on this data."""
     warnings = []
+    mass = low_label_mass_warning(report.mean_label_mass)
+    if mass:
+        warnings.append(mass)
     if report.position_consistency < 0.5:
         warnings.append(f"position consistency is {report.position_consistency:.0%} (< 50%): the judge mostly follows the "
                         "presentation order, not the content; its preferences are dominated by position bias")

@@ -29,7 +29,7 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 
 from judge.cache import JudgmentCache, cache_key
-from judge.engines.base import Engine, GenerationParams
+from judge.engines.base import LABEL_SEMANTICS, Engine, GenerationParams, label_distribution
 from judge.rubric import Rubric, RubricError, load_rubric
 from judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
                          ScoreJudgment, Timings)
@@ -68,7 +68,8 @@ class _BatchJudge(Generic[ItemT, ResultT]):
         raise NotImplementedError
 
     def _key_payload(self) -> dict[str, object]:
-        return {"engine": self.engine.engine_id, "rubric": self.rubric.id, "version": self.rubric.version,
+        return {"engine": self.engine.engine_id, "labels": LABEL_SEMANTICS, "rubric": self.rubric.id,
+                "version": self.rubric.version,
                 "fingerprint": self.rubric.fingerprint, "mode": self.mode, "seed": self.seed,
                 "cot_samples": self.cot_samples if self.mode == "cot" else None}
 
@@ -99,18 +100,45 @@ class _BatchJudge(Generic[ItemT, ResultT]):
         return results  # type: ignore[return-value]
 
     # -- engine helpers shared by both judges
-    def _label_distributions(self, prompts: list[ChatPrompt], timings: Timings) -> tuple[np.ndarray, list[list[str]] | None]:
-        """Label distribution per prompt, (N, L): direct (logprob) or after rationales (cot, also returned)."""
+    def _render_kwargs(self) -> dict[str, object]:
+        """Extra rubric-render arguments: the engine's special tokens are defused in user text."""
+        return {"special_tokens": tuple(getattr(self.engine, "special_tokens", ()) or ())}
+
+    def _label_distributions(self, prompts: list[ChatPrompt],
+                             timings: Timings) -> tuple[np.ndarray, np.ndarray, list[list[str]] | None]:
+        """Per prompt: label distribution (N, L), label mass (N,), and the rationales in CoT mode."""
         rationales = self._rationales(prompts, timings) if self.mode == "cot" else None
         started = time.perf_counter()
         if rationales is None:
-            probs = self.engine.label_probs(prompts, self.rubric.labels)
+            dist = label_distribution(self.engine.label_logprobs(prompts, self.rubric.labels))
+            probs, mass = dist.probs, dist.mass
         else:
             follow_ups = [self.rubric.render_cot_label(p, r) for p, samples in zip(prompts, rationales) for r in samples]
-            flat = self.engine.label_probs(follow_ups, self.rubric.labels)
-            probs = flat.reshape(len(prompts), self.cot_samples, -1).mean(axis=1)  # self-consistency average
+            dist = label_distribution(self.engine.label_logprobs(follow_ups, self.rubric.labels))
+            probs = dist.probs.reshape(len(prompts), self.cot_samples, -1).mean(axis=1)  # self-consistency average
+            mass = dist.mass.reshape(len(prompts), self.cot_samples).mean(axis=1)
         timings.engine_seconds += time.perf_counter() - started
-        return probs, rationales
+        return probs, mass, rationales
+
+    def _prompts_for(self, items: Sequence[ItemT]) -> list[ChatPrompt]:
+        raise NotImplementedError
+
+    def item_token_counts(self, items: Sequence[ItemT]) -> list[int]:
+        """Most tokens any engine sequence of each item needs: its longest rendered prompt (every order and
+        principle) plus what the judge adds after it (the CoT rationale and label request, or the label).
+
+        This is what a token budget must check *before* judging (the service's 413s)."""
+        if not items:
+            return []
+        prompts = self._prompts_for(items)
+        counts = self.engine.prompt_token_counts(prompts)
+        per_item = len(prompts) // len(items)
+        extra = max(len(label) for label in self.rubric.labels) + 2  # label tokens + the token that ends it
+        if self.mode == "cot":
+            assert self.rubric.cot is not None
+            extra += self.rubric.cot.max_new_tokens + 64  # rationale + the label request turn
+        # `_prompts_for` is item-major: item i owns prompts [i * per_item, (i + 1) * per_item).
+        return [max(counts[i * per_item:(i + 1) * per_item]) + extra for i in range(len(items))]
 
     def _rationales(self, prompts: list[ChatPrompt], timings: Timings) -> list[list[str]]:
         assert self.rubric.cot is not None
@@ -145,19 +173,33 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
     def _key_payload(self) -> dict[str, object]:
         return {**super()._key_payload(), "tie_margin": self.tie_margin, "clamp": self.clamp}
 
-    def _judge_uncached(self, items: Sequence[PairwiseItem], timings: Timings) -> list[PairwiseJudgment]:
+    def _layout(self, items: Sequence[PairwiseItem]) -> tuple[list[ChatPrompt], list[tuple[int, int]], list[list[str | None]]]:
+        """Every engine prompt of a batch: item-major, then order (ab, ba), then principle.
+
+        Returns the prompts, each prompt's (item index, order: 0 = ab, 1 = ba) and the
+        principles used per item."""
         principles = [self.rubric.select_principles(self.item_key(item), self.seed) for item in items]
         prompts: list[ChatPrompt] = []
-        owners: list[tuple[int, int]] = []  # (item index, order: 0 = ab, 1 = ba) for each prompt
+        owners: list[tuple[int, int]] = []
         render = self.rubric.render_cot if self.mode == "cot" else self.rubric.render
-        for order in (0, 1):
-            for i, item in enumerate(items):
+        extra = self._render_kwargs()
+        for i, item in enumerate(items):
+            for order in (0, 1):
                 first, second = (item.response_a, item.response_b) if order == 0 else (item.response_b, item.response_a)
                 for principle in principles[i]:
-                    prompts.append(render(prompt=item.prompt, response_a=first, response_b=second, principle=principle))
+                    prompts.append(render(prompt=item.prompt, response_a=first, response_b=second, principle=principle,
+                                          **extra))
                     owners.append((i, order))
-        probs, rationales = self._label_distributions(prompts, timings)  # (P, 2)
+        return prompts, owners, principles
+
+    def _prompts_for(self, items: Sequence[PairwiseItem]) -> list[ChatPrompt]:
+        return self._layout(items)[0]
+
+    def _judge_uncached(self, items: Sequence[PairwiseItem], timings: Timings) -> list[PairwiseJudgment]:
+        prompts, owners, principles = self._layout(items)
+        probs, mass, rationales = self._label_distributions(prompts, timings)  # (P, 2), (P,)
         prob_first = np.zeros((len(items), 2))
+        mass_sum = np.zeros((len(items), 2))
         counts = np.zeros((len(items), 2))
         first_rationale: dict[tuple[int, int], str] = {}
         for row, (i, order) in enumerate(owners):
@@ -165,14 +207,16 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
             if self.clamp is not None:
                 p = float(np.clip(p, *self.clamp))
             prob_first[i, order] += p
+            mass_sum[i, order] += float(mass[row])
             counts[i, order] += 1
             if rationales is not None and (i, order) not in first_rationale:
                 first_rationale[(i, order)] = rationales[row][0]
         prob_first /= counts  # average over principles
-        return [self._verdict(prob_first[i], principles[i], first_rationale.get((i, 0)), first_rationale.get((i, 1)))
-                for i in range(len(items))]
+        mass_mean = mass_sum / counts
+        return [self._verdict(prob_first[i], mass_mean[i], principles[i], first_rationale.get((i, 0)),
+                              first_rationale.get((i, 1))) for i in range(len(items))]
 
-    def _verdict(self, prob_first: np.ndarray, principles: list[str | None], rationale_ab: str | None,
+    def _verdict(self, prob_first: np.ndarray, mass: np.ndarray, principles: list[str | None], rationale_ab: str | None,
                  rationale_ba: str | None) -> PairwiseJudgment:
         prob_a_ab = float(prob_first[0])
         prob_a_ba = 1.0 - float(prob_first[1])  # in order "ba", response_a is shown second
@@ -185,8 +229,11 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
         used = [p for p in principles if p is not None]
         return PairwiseJudgment(
             prob_a=prob_a, preference=preference, consistent=consistent, margin=abs(prob_a - 0.5) * 2.0,
-            per_order=[OrderJudgment(order="ab", prob_first=float(prob_first[0]), prob_a=prob_a_ab, rationale=rationale_ab),
-                       OrderJudgment(order="ba", prob_first=float(prob_first[1]), prob_a=prob_a_ba, rationale=rationale_ba)],
+            label_mass=float(mass.mean()),
+            per_order=[OrderJudgment(order="ab", prob_first=float(prob_first[0]), prob_a=prob_a_ab,
+                                     label_mass=float(mass[0]), rationale=rationale_ab),
+                       OrderJudgment(order="ba", prob_first=float(prob_first[1]), prob_a=prob_a_ba,
+                                     label_mass=float(mass[1]), rationale=rationale_ba)],
             principles=used or None, rationale=rationale_ab, **self._common_fields())
 
 
@@ -201,10 +248,14 @@ class ScoreJudge(_BatchJudge[ScoreItem, ScoreJudgment]):
         super().__init__(engine, rubric, mode=mode, cache=cache, seed=seed, cot_samples=cot_samples)
         self.values = np.asarray(self.rubric.label_values, dtype=np.float64)
 
-    def _judge_uncached(self, items: Sequence[ScoreItem], timings: Timings) -> list[ScoreJudgment]:
+    def _prompts_for(self, items: Sequence[ScoreItem]) -> list[ChatPrompt]:
         render: Callable[..., ChatPrompt] = self.rubric.render_cot if self.mode == "cot" else self.rubric.render
-        prompts = [render(prompt=item.prompt, response=item.response) for item in items]
-        probs, rationales = self._label_distributions(prompts, timings)  # (N, L)
+        extra = self._render_kwargs()
+        return [render(prompt=item.prompt, response=item.response, **extra) for item in items]
+
+    def _judge_uncached(self, items: Sequence[ScoreItem], timings: Timings) -> list[ScoreJudgment]:
+        prompts = self._prompts_for(items)
+        probs, mass, rationales = self._label_distributions(prompts, timings)  # (N, L), (N,)
         low, high = float(self.values.min()), float(self.values.max())
         results = []
         for row in range(len(items)):
@@ -213,5 +264,6 @@ class ScoreJudge(_BatchJudge[ScoreItem, ScoreJudgment]):
                 score=(expected - low) / (high - low), expected_score=expected,
                 label=self.rubric.labels[int(np.argmax(probs[row]))],
                 distribution={label: float(p) for label, p in zip(self.rubric.labels, probs[row])},
+                label_mass=float(mass[row]),
                 rationale=rationales[row][0] if rationales is not None else None, **self._common_fields()))
         return results

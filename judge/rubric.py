@@ -18,9 +18,10 @@ import hashlib
 import importlib.resources
 import random
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jinja2
 import yaml
@@ -40,29 +41,100 @@ class RubricNotFound(LookupError):
 
 # Tag names that wrap user text. `neutralize` defuses any look-alike of these in user text.
 _TAGS = ("user_prompt", "response_a", "response_b", "response", "principle")
-_LOOKALIKE_TAG = re.compile(r"<(?=\s*/?\s*(?:user_prompt|response(?:_a|_b)?|principle|s)\s*[>/\s])", re.IGNORECASE)
-_CONTROL_OPEN = re.compile(r"<(?=\s*\|)")  # ChatML / Llama-3 style control tokens: <|im_end|>, <|eot_id|>
-_CONTROL_CLOSE = re.compile(r"\|(?=\s*>)")
-_INST = re.compile(r"\[(?=\s*/?\s*INST\s*\])", re.IGNORECASE)  # Llama-2 / Mistral turn markers
+
+# What `neutralize` defuses, by the character it swaps: (the rest of a look-alike after that
+# character, the characters that rest can start with). Each pass consumes only the swapped
+# character and checks the rest in a lookahead, so overlapping look-alikes are all found in one
+# left-to-right pass. Whitespace is one `\s*` per run, never two in a row: the old
+# `<(?=\s*/?\s*...)` re-split one run between two `\s*` at every backtracking step, which is
+# quadratic ("<" + 16,000 spaces took ~6 s, holding the GIL). Here a second run only starts after
+# a literal "/", so each character is looked at a bounded number of times: linear time. The
+# first-character class in front is only for speed (most "<" in text fail it at once).
+_NAME = r"(?=[uUrRpPsS])(?i:user_prompt|response(?:_a|_b)?|principle|s)[>/\s]"
+_STRUCTURE = {
+    "<": (rf"\s*(?:\||/\s*{_NAME}|{_NAME})", "\\s|/uUrRpPsS"),  # our tags, ChatML / Llama-3 "<|"
+    "|": (r"\s*>", "\\s>"),                                     # "|>" of <|im_end|>, <|eot_id|>
+    "[": (r"\s*(?:/\s*)?(?i:INST)\s*\]", "\\s/iI"),          # Llama-2 / Mistral turn markers
+}
+_SWAPS = {"<": "\u2039", "|": "\u00a6", "[": "\u2045"}  # < -> ‹, | -> ¦, [ -> ⁅
+_ZERO_WIDTH_SPACE = "\u200b"
 
 
-def neutralize(text: str) -> str:
-    """Make user text unable to close or imitate our delimiters or chat control tokens.
+def _trie(words: Sequence[str]) -> str:
+    """A regex matching where any of `words` starts, as a trie: at each character at most one branch
+    can continue, so checking a position costs O(longest word), however many words there are.
+
+    Only "some word starts here" matters, so a word that is a prefix of another ends its branch."""
+    root: dict[str, dict] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node.clear()  # the shorter word already decides; longer continuations are irrelevant
+        node[""] = {}
+
+    def build(node: dict[str, dict]) -> str:
+        if "" in node:
+            return ""
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items())]
+        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+    return build(root)
+
+
+def _lookahead(rests: Sequence[str], starts: str) -> str:
+    """`(?=[starts])(?=rest-1|rest-2|...)`; no first-character filter when some rest is empty."""
+    alternatives = "|".join(rests)
+    if any(not rest for rest in rests):
+        return f"(?={alternatives})"
+    return f"(?=[{starts}])(?={alternatives})"
+
+
+@lru_cache(maxsize=64)
+def _defusers(special_tokens: tuple[str, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """(pattern, replacement) passes for one engine's special-token set, compiled once per set."""
+    by_first: dict[str, list[str]] = {}
+    for token in sorted({token for token in special_tokens if token}):
+        by_first.setdefault(token[0], []).append(token[1:])
+    passes: list[tuple[re.Pattern[str], str]] = []
+    for char, swap in _SWAPS.items():
+        structure, starts = _STRUCTURE[char]
+        rests = by_first.pop(char, [])
+        if not rests:
+            lookahead = _lookahead([structure], starts)
+        elif all(rests):
+            lookahead = _lookahead([structure, _trie(rests)], starts + "".join(re.escape(r[0]) for r in rests))
+        else:  # the bare character is itself a special token: every occurrence goes
+            lookahead = ""
+        passes.append((re.compile(re.escape(char) + lookahead), swap))
+    if by_first:  # tokens starting with another character: a zero-width space after it splits them
+        first = [re.escape(char) + (f"(?={_trie(rests)})" if all(rests) else "") for char, rests in sorted(by_first.items())]
+        passes.append((re.compile("|".join(first)), "\\g<0>" + _ZERO_WIDTH_SPACE))
+    return tuple(passes)
+
+
+def neutralize(text: str, special_tokens: Sequence[str] = ()) -> str:
+    """Make user text unable to close or imitate our delimiters, chat control tokens or any of the
+    engine tokenizer's special tokens.
 
     Only the opening character of a look-alike is swapped for a visually similar one
     (`<` -> `‹`, `|` -> `¦`, `[` -> `⁅`), so the text stays readable for the judge while no
-    longer matching what the template or the tokenizer treat as structure.
+    longer matching what the template or the tokenizer treat as structure. `special_tokens`
+    (the engine tokenizer's own special-token texts, e.g. SmolLM2's `<file_sep>`) are defused
+    wherever they occur; one that starts with another character gets a zero-width space after
+    its first character (so a one-character token other than `<`, `|`, `[` cannot be defused;
+    tokenizers have none). Linear time in `len(text)` for any text and any number of tokens: a
+    handful of regex passes, each looking at every character a bounded number of times.
     """
-    text = _LOOKALIKE_TAG.sub("‹", text)
-    text = _CONTROL_OPEN.sub("‹", text)
-    text = _CONTROL_CLOSE.sub("¦", text)
-    return _INST.sub("⁅", text)
+    for pattern, replacement in _defusers(tuple(special_tokens)):
+        text = pattern.sub(replacement, text)
+    return text
 
 
-def delimit(tag: str, text: str) -> str:
+def delimit(tag: str, text: str, special_tokens: Sequence[str] = ()) -> str:
     """Wrap neutralized user text in `<tag>` ... `</tag>` on their own lines."""
     assert tag in _TAGS, f"unknown delimiter tag {tag!r}"
-    return f"<{tag}>\n{neutralize(text)}\n</{tag}>"
+    return f"<{tag}>\n{neutralize(text, special_tokens)}\n</{tag}>"
 
 
 class CoTConfig(BaseModel):
@@ -156,25 +228,28 @@ class Rubric(BaseModel):
             raise RubricError(f"{self.source}: field 'template': {exc.message}") from None
 
     def task_text(self, *, prompt: str, response_a: str | None = None, response_b: str | None = None,
-                  response: str | None = None, principle: str | None = None) -> str:
-        """Render the user task (without the closing instruction); user text is delimited."""
-        variables = {"prompt": delimit("user_prompt", prompt)}
+                  response: str | None = None, principle: str | None = None,
+                  special_tokens: Sequence[str] = ()) -> str:
+        """Render the user task (without the closing instruction); user text is delimited.
+
+        `special_tokens`: the engine tokenizer's special-token texts, defused in user text."""
+        variables = {"prompt": delimit("user_prompt", prompt, special_tokens)}
         if self.kind == "pairwise":
             assert response_a is not None and response_b is not None, "pairwise rubric needs response_a and response_b"
-            variables["response_a"] = delimit("response_a", response_a)
-            variables["response_b"] = delimit("response_b", response_b)
+            variables["response_a"] = delimit("response_a", response_a, special_tokens)
+            variables["response_b"] = delimit("response_b", response_b, special_tokens)
         else:
             assert response is not None, "score rubric needs response"
-            variables["response"] = delimit("response", response)
+            variables["response"] = delimit("response", response, special_tokens)
         if principle is not None:
             variables["principle"] = principle  # rubric-author text, not user text
         return self._render_task(variables)
 
-    def render(self, **kwargs: str | None) -> ChatPrompt:
+    def render(self, **kwargs: Any) -> ChatPrompt:
         """Chat messages for log-prob mode: task + `answer_instruction`."""
         return self._messages(f"{self.task_text(**kwargs)}\n\n{self.answer_instruction.strip()}")
 
-    def render_cot(self, **kwargs: str | None) -> ChatPrompt:
+    def render_cot(self, **kwargs: Any) -> ChatPrompt:
         """Chat messages asking for a rationale (CoT step 1)."""
         if self.cot is None:
             raise RubricError(f"{self.source}: rubric '{self.id}' has no 'cot' section, so mode=cot is unavailable")

@@ -19,6 +19,21 @@ ChatPrompt = list[ChatMessage]
 """A whole conversation handed to an engine; the engine applies its own chat template."""
 
 
+LOW_LABEL_MASS = 0.5
+"""Below this label mass a judgment mostly reflects what the judge would say *if* it had to pick a
+label, not what it actually says (e.g. a model that opens with "<think>" or "**A**"); summaries warn."""
+
+
+def low_label_mass_warning(mean_mass: float | None) -> str | None:
+    """The warning summaries print when the judge's mean label mass is below `LOW_LABEL_MASS`."""
+    if mean_mass is None or mean_mass >= LOW_LABEL_MASS:
+        return None
+    return (f"mean label mass is {mean_mass:.2f} (< {LOW_LABEL_MASS}): the judge rarely answers with exactly one of the "
+            "rubric's labels (a reasoning preamble, markdown around the label, or prose), so its normalized "
+            "probabilities rest on little of its probability; check the rubric's answer instruction or use a judge "
+            "that follows it")
+
+
 class Preference(str, enum.Enum):
     """Which response a pairwise judgment prefers. A tie is a first-class outcome, not NaN."""
 
@@ -60,6 +75,9 @@ class OrderJudgment(BaseModel):
     order: Literal["ab", "ba"] = Field(description="'ab': response_a shown first; 'ba': swapped.")
     prob_first: float = Field(description="P(the response shown first is better).")
     prob_a: float = Field(description="The same verdict expressed as P(response_a is better).")
+    label_mass: float = Field(description=(
+        "P(the judge's reply is exactly one of the labels) before normalizing over them, averaged over "
+        "principles / CoT samples. Low values mean the verdict rests on little probability."))
     rationale: str | None = Field(None, description="CoT rationale(s) produced before the label (CoT mode).")
 
 
@@ -75,6 +93,8 @@ class PairwiseJudgment(BaseModel):
     preference: Preference
     consistent: bool = Field(description="Both presentation orders prefer the same response.")
     margin: float = Field(description="|prob_a - 0.5| * 2, in [0, 1]: how decisive the judgment is.")
+    label_mass: float = Field(description=(
+        "Mean over both orders of P(reply is exactly a label) before normalization (see OrderJudgment)."))
     per_order: list[OrderJudgment]
     principles: list[str] | None = Field(None, description="Constitution principles used (constitution rubrics).")
     rationale: str | None = Field(None, description="Rationale of the first order (CoT mode).")
@@ -98,6 +118,8 @@ class ScoreJudgment(BaseModel):
     expected_score: float = Field(description="Sum of value * P(label) on the rubric's own scale.")
     label: str = Field(description="Most likely score label.")
     distribution: dict[str, float] = Field(description="P(label) for every score label, sums to 1.")
+    label_mass: float = Field(description=(
+        "P(the judge's reply is exactly one of the score labels) before normalizing over them."))
     rationale: str | None = None
     rubric_id: str
     rubric_version: str

@@ -103,6 +103,17 @@ class DistContext:
             for p in parameters:
                 dist.broadcast(p.data, src=0)
 
+    def sum_across(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over processes (a new tensor; `value` itself when not distributed).
+        Every process must call it, in the same order, like any collective."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        total = value.clone()
+        dist.all_reduce(total)
+        return total
+
     def average_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
         """Replace each gradient by its mean over processes. A missing gradient counts as zeros,
         so every process takes part in the same collectives even if it had nothing to train on."""

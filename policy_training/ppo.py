@@ -15,7 +15,8 @@ One training step (Ziegler et al. 2019 / Stiennon et al. 2020 recipe, arithmetic
    score - beta*sum KL (Ahmadian et al. 2024); grpo = group-normalized score with a k3 KL
    loss (Shao et al. 2024);
 5. `ppo_epochs` passes over shuffled minibatches with the clipped surrogate (Schulman et
-   al. 2017), clipped value loss, gradient accumulation, gradient clipping, AdamW.
+   al. 2017), clipped value loss, gradient clipping, AdamW; every loss is a token mean over
+   the whole minibatch, so gradient accumulation and data parallelism leave the update as is.
 
 Reward sources may ask for more than (prompt, response): a source with `needs_reference`
 gets `reference_responses` (the frozen initial policy's greedy answers, cached per prompt)
@@ -73,6 +74,7 @@ from policy_training.ppo_math import (
     logprobs_from_logits,
     masked_mean,
     masked_sum,
+    masked_token_mean,
     masked_whiten,
     policy_loss,
     rloo_advantages,
@@ -682,66 +684,94 @@ class PPOTrainer:
                 seq_adv = grpo_advantages(penalized, cfg.group_size, valid)  # (N,)
             # Every token of a response shares its sequence advantage.
             advantages = seq_adv[:, None].expand_as(kl_tokens).contiguous()  # (N,) -> (N, R)
-        if cfg.whiten_advantages and cfg.estimator != "grpo" and int(usable.sum()) > 1:
-            advantages = masked_whiten(advantages, mask & usable[:, None])
+        # Whitened over the whole step's batch (all processes' usable tokens), before any split
+        # into minibatches, micro-batches or processes can change the statistics.
+        if (cfg.whiten_advantages and cfg.estimator != "grpo"
+                and int(self.dist.sum_across(usable.sum())) > 1):
+            advantages = masked_whiten(advantages, mask & usable[:, None], all_sum=self.dist.sum_across)
         return advantages, returns, usable
 
     def _update(self, rollout: Rollout, keep: Tensor, stats: dict[str, Tensor], advantages: Tensor,
                 returns: Tensor | None) -> dict[str, float]:
-        """`ppo_epochs` passes of minibatch updates over the usable samples `keep`."""
+        """`ppo_epochs` passes of minibatch updates over the usable samples `keep`.
+
+        Each loss term is a token mean over the whole minibatch, on all processes together:
+        every micro-batch adds its token sum divided by the minibatch's token count (see
+        `_minibatch_tokens`), so `gradient_accumulation_steps` and the number of processes
+        change memory use and speed, never the update. Logged losses and stats are the same
+        minibatch token means, averaged over minibatches and epochs.
+        """
         cfg = self.config
         logs: dict[str, list[float]] = defaultdict(list)
         beta = self.kl_ctl.value
+        grpo_kl = cfg.estimator == "grpo" and beta > 0
+        has_critic = self.value_model is not None or self.value_head is not None
+        # Every process logs every key, zeros included, so the merged record averages over all of them.
+        keys = (["policy_loss", "approx_kl", "clipfrac", "ratio_mean"] + (["kl_loss"] if grpo_kl else [])
+                + (["value_loss", "vf_clipfrac"] if has_critic else []))
         for _ in range(cfg.ppo_epochs):
             perm = keep[torch.randperm(len(keep), generator=self.update_gen).to(keep.device)]
             for minibatch in perm.tensor_split(cfg.num_minibatches):
-                if len(minibatch) == 0:
-                    continue
+                if len(minibatch) == 0 and not self.dist.enabled:
+                    continue  # distributed: every process joins each all-reduce, with or without samples
+                num_tokens = self._minibatch_tokens(rollout.response_mask[minibatch])
+                shares = dict.fromkeys(keys, 0.0)  # this process's share of each minibatch token mean
                 for micro in minibatch.tensor_split(cfg.gradient_accumulation_steps):
                     if len(micro) == 0:
                         continue
-                    weight = len(micro) / len(minibatch)  # micro-batch share of the minibatch loss
                     mask = rollout.response_mask[micro]  # (n, R)
                     # (n, R, V) logits; with the shared critic also (n, R) values from the same pass
                     logits, shared_values = self._policy_forward(self.policy, rollout, micro,
                                                                  with_values=self.value_head is not None)
                     logprobs = logprobs_from_logits(logits, rollout.response_ids[micro])  # (n, R)
                     pg_loss, pg_stats = policy_loss(logprobs, stats["logprobs"][micro], advantages[micro], mask,
-                                                    cfg.clip_range)
+                                                    cfg.clip_range, num_tokens)
                     loss = pg_loss
                     if cfg.entropy_coef > 0:
-                        entropy = masked_mean(entropy_from_logits(logits), mask)
+                        entropy = masked_token_mean(entropy_from_logits(logits), mask, num_tokens)
                         loss = loss - cfg.entropy_coef * entropy
-                    if cfg.estimator == "grpo" and beta > 0:
-                        kl_loss = masked_mean(kl_k3(logprobs, stats["ref_logprobs"][micro]), mask)
+                    if grpo_kl:
+                        kl_loss = masked_token_mean(kl_k3(logprobs, stats["ref_logprobs"][micro]), mask, num_tokens)
                         loss = loss + beta * kl_loss
-                        logs["kl_loss"].append(float(kl_loss.detach()))
+                        shares["kl_loss"] += float(kl_loss.detach())
                     if shared_values is not None:  # one backward through the shared trunk
                         assert returns is not None
                         v_loss, v_stats = value_loss(shared_values, stats["values"][micro], returns[micro], mask,
-                                                     cfg.clip_range_value)
+                                                     cfg.clip_range_value, num_tokens)
                         loss = loss + cfg.vf_coef * v_loss
-                        logs["value_loss"].append(float(v_loss.detach()))
+                        shares["value_loss"] += float(v_loss.detach())
                         for k, v in v_stats.items():
-                            logs[k].append(float(v))
-                    (loss * weight).backward()
-                    logs["policy_loss"].append(float(pg_loss.detach()))
+                            shares[k] += float(v)
+                    loss.backward()
+                    shares["policy_loss"] += float(pg_loss.detach())
                     for k, v in pg_stats.items():
-                        logs[k].append(float(v))
+                        shares[k] += float(v)
                     if self.value_model is not None:
                         assert returns is not None
                         values = self._values(rollout, micro)  # (n, R)
                         v_loss, v_stats = value_loss(values, stats["values"][micro], returns[micro], mask,
-                                                     cfg.clip_range_value)
-                        (v_loss * weight).backward()
-                        logs["value_loss"].append(float(v_loss.detach()))
+                                                     cfg.clip_range_value, num_tokens)
+                        v_loss.backward()
+                        shares["value_loss"] += float(v_loss.detach())
                         for k, v in v_stats.items():
-                            logs[k].append(float(v))
+                            shares[k] += float(v)
+                for k, v in shares.items():
+                    logs[k].append(v)
                 logs["grad_norm"].append(self._optimizer_step(self.policy_optimizer))
                 if self.value_model is not None:
                     assert self.value_optimizer is not None
                     logs["value_grad_norm"].append(self._optimizer_step(self.value_optimizer))
         return {k: sum(v) / len(v) for k, v in logs.items() if v}
+
+    def _minibatch_tokens(self, mask: Tensor) -> Tensor:
+        """The divisor that turns a micro-batch's token sum into its share of the minibatch token mean.
+
+        That is the minibatch's response tokens on all processes, over the number of processes:
+        `average_gradients` divides the processes' summed gradients by their number, so
+        sum / (tokens / world_size) on each process averages to sum / tokens over all of them.
+        """
+        tokens = self.dist.sum_across(mask.sum())  # exact integer count of the whole minibatch
+        return tokens.to(torch.float32) / self.dist.world_size
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
         # Everything the optimizer updates is clipped together (the shared critic's head included).

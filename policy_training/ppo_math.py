@@ -26,6 +26,7 @@ multiplying by the mask, because `nan * 0` is still NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -54,6 +55,21 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
 
 
+def masked_token_mean(x: Tensor, mask: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """This chunk's share of a token mean over `num_tokens` tokens: sum of `x` over `mask` / num_tokens.
+
+    A minibatch split into micro-batches (gradient accumulation) or across processes (data
+    parallel) must be averaged over *all* its tokens, not as a mean of per-chunk means: those
+    weight a token in a short chunk more than one in a long chunk. Give every chunk the
+    minibatch's token count and the chunks' results add up to the minibatch's token mean.
+    `None` = the tokens of `mask` itself, i.e. `masked_mean(x, mask)`; a count of 0 gives 0.
+    """
+    if num_tokens is None:
+        return masked_mean(x, mask)
+    total = torch.as_tensor(num_tokens, dtype=x.dtype, device=x.device).clamp(min=1)
+    return masked_sum(x, mask) / total
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of `x` over True positions (Bessel-corrected by default)."""
     mask = _as_bool(mask)
@@ -67,20 +83,34 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalize `x` to zero mean / unit variance over the masked positions.
 
     Statistics come from real tokens only: counting padding would drag the mean toward 0.
     With `shift_mean=False` only the scale changes (used by some implementations for
     rewards, where the sign carries meaning). Masked positions come back as 0.
+
+    `all_sum` sums a tensor over every process holding part of the batch (data parallel:
+    `DistContext.sum_across`); the mean and the (Bessel-corrected) variance are then those
+    of the whole batch, so each process's part is normalized exactly as it would be in one
+    process holding everything. Default: this process's `x` is the whole batch.
     """
     mask = _as_bool(mask)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=bool(mask.sum() > 1))
+    if all_sum is None:
+        all_sum = _identity
+    count = all_sum(mask.sum()).to(x.dtype)
+    mean = all_sum(masked_sum(x, mask)) / count.clamp(min=1)
+    centered_sq_sum = all_sum(masked_sum((x - mean) ** 2, mask))
+    var = centered_sq_sum / (count - 1).clamp(min=1)  # one value: its spread is 0, not 0/0
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 # ----------------------------------------------------------------------------- GAE
@@ -157,8 +187,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -
 # ----------------------------------------------------------------------------- losses
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+                num_tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens.
 
     All inputs (B, T). `old_logprobs` and `advantages` are constants from the rollout.
@@ -169,38 +199,43 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     stats (no grad): `approx_kl` (k3 estimate of KL(old || new), the "how far did this
     update move" diagnostic), `clipfrac` (share of tokens where the clipped branch is the
     active one), `ratio_mean`.
+
+    `num_tokens`: the token count of the whole minibatch when these rows are one micro-batch
+    (or one process's part) of it; loss and stats are then this part's share of the
+    minibatch token mean (`masked_token_mean`), so the parts add up to it.
     """
     mask = _as_bool(mask)
     logratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(logratio)  # (B, T)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    loss = masked_token_mean(torch.max(pg_loss1, pg_loss2), mask, num_tokens)
     with torch.no_grad():
         stats = {
-            "approx_kl": masked_mean((ratio - 1.0) - logratio, mask),
-            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            "approx_kl": masked_token_mean((ratio - 1.0) - logratio, mask, num_tokens),
+            "clipfrac": masked_token_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask, num_tokens),
+            "ratio_mean": masked_token_mean(ratio, mask, num_tokens),
         }
     return loss, stats
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+               num_tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, 0.5 * max((V - R)^2, (V_clipped - R)^2) over real tokens.
 
     V_clipped keeps the new value within clip_range_value of the rollout-time value, so a
     single noisy batch cannot move the critic far (the PPO2 baselines trick; TRL and
     OpenRLHF keep it for LMs, where the critic starts from an LM trunk and is easily
-    knocked off).
+    knocked off). `num_tokens` as in `policy_loss`.
     """
     mask = _as_bool(mask)
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     v_loss_unclipped = (values - returns) ** 2  # (B, T)
     v_loss_clipped = (v_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+    loss = 0.5 * masked_token_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask, num_tokens)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((v_loss_clipped > v_loss_unclipped).to(values.dtype), mask)}
+        stats = {"vf_clipfrac": masked_token_mean((v_loss_clipped > v_loss_unclipped).to(values.dtype), mask,
+                                                  num_tokens)}
     return loss, stats
 
 

@@ -5,9 +5,11 @@ Layout (vLLM's protocol / serving / router split):
 - `errors`    typed service errors, each with its HTTP status (stdlib only);
 - `settings`  `ServiceSettings` (pydantic-settings, `RLAIF_*` env vars);
 - `batcher`   `MicroBatcher`: coalesces concurrent requests into engine batches;
-- `serving`   `JudgeService`: validation, judging, rewards; no FastAPI import;
+- `serving`   `JudgeService`: validation, token budgets, judging, rewards; no FastAPI import;
+- `openrlhf`  splitting OpenRLHF `/get_reward` queries into (prompt, response), chat templates removed;
 - `metrics`   Prometheus metrics on a per-app registry;
 - `app`       `create_app(settings, engine=None)`: routes, auth, error handlers, lifespan;
+- `server`    the uvicorn config `rlaif serve` uses: header timeout, connection cap, keep-alive;
 - `client`    `JudgeClient` / `AsyncJudgeClient` (httpx; never imports torch);
 - `cli`       `rlaif serve`.
 

@@ -8,10 +8,13 @@ model. Everything else lives in one place each:
 - **errors**: `service.errors.ServiceError` subclasses, request-validation errors, HTTP errors
   and anything unexpected all become the one `ErrorResponse` body, via exception handlers;
   routes declare those statuses in `responses=`;
-- **auth**: optional bearer API keys (`Annotated[..., Depends(require_api_key)]` on every
-  router except health), compared with `hmac.compare_digest`; keys are never logged;
-- **middleware** (plain ASGI): a request-body byte limit and UTF-8 check before FastAPI parses
-  JSON, and Prometheus request metrics labelled by route template.
+- **auth**: optional bearer API keys, checked by `AuthMiddleware` from the request headers
+  *before anything reads the body* (an unauthenticated client cannot make the server buffer
+  16 MB), compared with `hmac.compare_digest`; keys are never logged. Open without a key:
+  `/healthz`, `/readyz`, and the OpenAPI docs only with `public_docs`;
+- **middleware** (plain ASGI): the body guard (byte limit, read deadline, UTF-8 check before
+  FastAPI parses JSON, and cancelling the handler when the client disconnects, so its queued
+  items are never judged), and Prometheus request metrics labelled by route template.
 
 Nothing is created at import time: every app gets its own settings, registry and service.
 """
@@ -28,10 +31,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,7 +50,7 @@ from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-_ERROR_STATUSES = (400, 401, 413, 422, 429, 503, 504)
+_ERROR_STATUSES = (400, 401, 408, 413, 422, 429, 503, 504)
 _RUBRIC_STATUSES = (404,)
 
 
@@ -141,27 +144,25 @@ def get_service(runtime: RuntimeDep) -> JudgeService:
 
 ServiceDep = Annotated[JudgeService, Depends(get_service)]
 
+# Declares the bearer scheme in the OpenAPI schema only; `AuthMiddleware` enforces it, before bodies are read.
 _bearer = HTTPBearer(auto_error=False, description="Needed only when the service runs with RLAIF_API_KEYS.")
 
 
-def require_api_key(runtime: RuntimeDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """401 unless auth is off or the bearer token equals one of the configured keys (constant time)."""
-    if not runtime.api_keys:
-        return
-    if credentials is None:
-        raise errors.Unauthorized("this service needs an API key: send `Authorization: Bearer <key>`")
-    token = credentials.credentials.encode("utf-8")
+def authorized(api_keys: list[bytes], authorization: bytes | None) -> bool:
+    """Whether an `Authorization` header carries one of the keys (constant time, compared with every key)."""
+    scheme, _, token = (authorization or b"").partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return False
     matched = False
-    for key in runtime.api_keys:  # compare with every key, so timing does not reveal which one matched
+    for key in api_keys:  # compare with every key, so timing does not reveal which one matched
         matched |= hmac.compare_digest(token, key)
-    if not matched:
-        raise errors.Unauthorized("invalid API key")
+    return matched
 
 
 # ---------------------------------------------------------------------------- routes
 def _judge_router() -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_api_key)])
+    router = APIRouter(dependencies=[Security(_bearer)])
     judged = _error_responses(*_ERROR_STATUSES, *_RUBRIC_STATUSES)
 
     @router.post("/v1/judge/pairwise", response_model=PairwiseResponse, responses=judged, tags=["judge"])
@@ -181,7 +182,7 @@ def _judge_router() -> APIRouter:
 
     @router.post("/get_reward", response_model=GetRewardResponse, responses=judged, tags=["rewards"])
     async def get_reward(body: GetRewardRequest, service: ServiceDep) -> GetRewardResponse:
-        """OpenRLHF remote reward model protocol (`--remote_rm_url http://host:8000/get_reward`)."""
+        """OpenRLHF remote reward model protocol (`--reward.remote_url` or, before 0.10.2, `--remote_rm_url`)."""
         return await service.get_reward(body)
 
     @router.get("/v1/rubrics", response_model=RubricList, responses=_error_responses(401), tags=["rubrics"])
@@ -272,36 +273,90 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------- middleware
-class BodyGuardMiddleware:
-    """Reject bodies over `max_bytes` (413) or not valid UTF-8 (400) before FastAPI parses JSON.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-    The body is buffered here (bounded by the limit) and replayed to the app, so a huge upload
-    is refused after at most `max_bytes` are read, whatever Content-Length claims.
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+def _may_have_body(scope: Scope) -> bool:
+    return scope["method"] in _BODY_METHODS or _header(scope, b"content-length") not in (None, b"0") \
+        or _header(scope, b"transfer-encoding") is not None
+
+
+class AuthMiddleware:
+    """401 for requests without a valid API key, decided from the headers alone, before any body is read.
+
+    A body left unread is not drained: the 401 carries `Connection: close`, so an unauthenticated
+    client costs the server a header block, never its upload (40 unauthenticated 15 MB bodies
+    used to grow the process by 2.5 GB while they were buffered for the key check).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: list[bytes], open_paths: frozenset[str]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.api_keys = api_keys
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
+        if scope["type"] != "http" or not self.api_keys or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        authorization = _header(scope, b"authorization")
+        if authorized(self.api_keys, authorization):
+            await self.app(scope, receive, send)
+            return
+        message = ("invalid API key" if authorization is not None
+                   else "this service needs an API key: send `Authorization: Bearer <key>`")
+        await _send_error(send, errors.Unauthorized(message), close=_may_have_body(scope))
+
+
+class BodyGuardMiddleware:
+    """Read the request body under limits, then run the app and cancel it if the client goes away.
+
+    - more than `max_bytes` -> 413 (at once when Content-Length says so, else as soon as the count
+      passes the limit), not all of the body within `timeout_s` -> 408, not UTF-8 -> 400; each
+      before FastAPI parses JSON. The body is buffered here (bounded) and replayed to the app.
+    - Starlette does not cancel a handler when its client disconnects, so a request whose client
+      gave up would still be queued and judged. Once the body is in, this middleware owns the
+      server's `receive`: when it reports `http.disconnect` before a response was sent, the
+      handler task is cancelled, and the micro-batcher drops its queued items.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
         too_large = errors.PayloadTooLarge(f"request body over max_body_bytes={self.max_bytes}; send fewer or shorter items")
-        declared = dict(scope.get("headers", ())).get(b"content-length")
+        declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_error(send, too_large)
+            await _send_error(send, too_large, close=True)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await _send_error(send, errors.BodyTimeout(
+                    f"the request body did not arrive within body_timeout={self.timeout_s:g}s"), close=True)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_error(send, too_large)
+                await _send_error(send, too_large, close=True)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -313,23 +368,52 @@ class BodyGuardMiddleware:
             await _send_error(send, errors.BadRequest(f"request body is not valid UTF-8 (byte {exc.start}); "
                                                       "send UTF-8 encoded JSON"))
             return
-        replayed = False
+        await self._run_until_disconnect(scope, body, receive, send)
+
+    async def _run_until_disconnect(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        disconnected = asyncio.Event()
+        replayed = responded = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+        async def tracked_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, replay, tracked_send))
+        # After the whole body, the server's receive() returns only once the client disconnected
+        # or the response is complete.
+        watcher = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done() and not responded:
+                disconnected.set()
+                handler.cancel()  # the client is gone: nobody will read the answer
+            await asyncio.wait({handler})
+        finally:
+            watcher.cancel()
+            if not handler.done():  # this middleware itself was cancelled (server shutdown)
+                handler.cancel()
+        if not handler.cancelled():
+            handler.result()  # re-raise what the app raised
 
 
-async def _send_error(send: Send, exc: errors.ServiceError) -> None:
+async def _send_error(send: Send, exc: errors.ServiceError, *, close: bool = False) -> None:
+    """Send the one error body from middleware. `close`: the request body was left unread, so the
+    connection must not be reused (the server closes it after the response)."""
     payload = ErrorResponse(status=exc.status, code=exc.code, message=exc.message).model_dump(mode="json", exclude_none=True)
     content = json.dumps(payload).encode("utf-8")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+               *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
+               *([(b"connection", b"close")] if close else [])]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
 
@@ -347,7 +431,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 499  # stays so only when no response was sent: the client disconnected first (nginx's 499)
 
         async def observed_send(message: Message) -> None:
             nonlocal status
@@ -410,6 +494,10 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
         StarletteHTTPException: _http_error, Exception: _unexpected_error}
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics, route_of=_route_resolver(routers))  # outermost: sees 413s too
+    docs = {path for path in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if path}
+    open_paths = frozenset({"/healthz", "/readyz", *(docs if settings.public_docs else ())})
+    # Starlette runs the last-added middleware first: metrics -> auth -> body guard -> routes.
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout)
+    app.add_middleware(AuthMiddleware, api_keys=runtime.api_keys, open_paths=open_paths)
+    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics, route_of=_route_resolver(routers))  # sees 401s too
     return app

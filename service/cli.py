@@ -10,6 +10,7 @@ status 2. Ctrl-C / SIGTERM shuts down gracefully: in-flight batches finish first
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import threading
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
 
             from judge.engines import parse_engine_spec
             from service.app import create_app
+            from service.server import uvicorn_config
             from service.settings import ServiceSettings
 
             overrides: dict[str, object] = {key: value for key, value in {
@@ -64,9 +66,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"warning: binding {settings.host} without API keys: anyone who can reach this port can use "
                            "the judge; set RLAIF_API_KEYS", err=True)
             app = create_app(settings)
-            server = uvicorn.Server(uvicorn.Config(
-                app, host=settings.host, port=settings.port, log_level=log_level, access_log=log_level == "debug",
-                timeout_graceful_shutdown=int(settings.request_timeout) + 1))
+            server = uvicorn.Server(uvicorn_config(app, settings, log_level=log_level, access_log=log_level == "debug"))
             outcome: dict[str, str] = {}
             threading.Thread(target=_announce_when_ready, args=(app.state.runtime, server, settings, outcome),
                              name="rlaif-serve-ready", daemon=True).start()
@@ -112,9 +112,22 @@ def _announce_when_ready(runtime, server, settings, outcome: dict[str, str]) -> 
         for sock in getattr(listener, "sockets", []) or []:
             port = sock.getsockname()[1]
     base = f"http://{_display_host(settings.host)}:{port}"
+    hint = ""
+    if settings.key_list() and not os.environ.get("RLAIF_API_KEYS"):
+        hint = "  (the keys came from --api-keys: first `export RLAIF_API_KEYS=<one of them>`)\n"
+    docs = f"docs: {base}/docs" if settings.public_docs or not settings.key_list() else \
+        f"docs: {base}/docs needs the key too, or RLAIF_PUBLIC_DOCS=true"
+    print(f"\nrlaif judge service ready at {base} ({docs}). Try:\n\n  {curl_example(base, settings)}\n{hint}",
+          file=sys.stdout, flush=True)
+
+
+def curl_example(base: str, settings) -> str:
+    """A shell command that judges one pair on the service at `base`.
+
+    With keys, the token is read from `RLAIF_API_KEYS` (the variable the service itself reads;
+    `${RLAIF_API_KEYS%%,*}` is its first key when it lists several), so the printed command
+    works as is in the shell that started the service and never shows a key."""
     body = json.dumps({"items": [{"prompt": "What is the capital of France?", "response_a": "Paris.",
                                   "response_b": "I think it is Lyon."}]})
-    auth = " -H \"Authorization: Bearer $RLAIF_API_KEY\"" if settings.key_list() else ""
-    print(f"\nrlaif judge service ready at {base} (docs: {base}/docs). Try:\n\n"
-          f"  curl -s {base}/v1/judge/pairwise -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}\n",
-          file=sys.stdout, flush=True)
+    auth = ' -H "Authorization: Bearer ${RLAIF_API_KEYS%%,*}"' if settings.key_list() else ""
+    return f"curl -s {base}/v1/judge/pairwise -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"

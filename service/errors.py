@@ -43,6 +43,13 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class BodyTimeout(ServiceError):
+    """The request body did not arrive within `body_timeout` seconds (a slow or stalled upload)."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class RubricNotFound(ServiceError):
     """The request names a rubric the service does not serve."""
 
@@ -51,7 +58,8 @@ class RubricNotFound(ServiceError):
 
 
 class PayloadTooLarge(ServiceError):
-    """Too many items, a text longer than `max_chars`, or a body over `max_body_bytes`."""
+    """Too many items, a text longer than `max_chars`, an item over `max_item_tokens`, or a body over
+    `max_body_bytes`."""
 
     status = 413
     code = "payload_too_large"

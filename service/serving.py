@@ -9,17 +9,25 @@ Per request it:
 1. resolves the rubric from the served catalog only (built-ins + files the operator listed;
    a request can never make the server read an arbitrary path) -> 404 / 422 on a bad one;
 2. checks the operator's limits (`max_items`, `max_chars`) -> 413 naming the limit;
-3. submits the items to the micro-batcher under the key `(kind, rubric id, mode)`, so
+3. checks the token budget: every item's longest engine sequence (`judge.item_token_counts`,
+   i.e. rendering and tokenizing, done on a worker thread, never on the event loop) must fit
+   `max_item_tokens` (default: the engine's context length) -> 413 naming the item, its token
+   count and the setting. The counts also weight the items in the micro-batcher, which caps each
+   engine batch at `max_batch_tokens` (splitting large requests across batches);
+4. submits the items to the micro-batcher under the key `(kind, rubric id, mode)`, so
    concurrent requests, including `/v1/judge/score`, score-mode `/v1/rewards` and judge-backed
    `/get_reward` calls that use the same rubric, share engine batches;
-4. turns judgments into the endpoint's response (rewards, OpenRLHF fields).
+5. turns judgments into the endpoint's response (rewards, OpenRLHF fields; see
+   `service.openrlhf` for how an OpenRLHF query is split into prompt and response).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Hashable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,6 +39,7 @@ from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
 from service import errors
 from service.batcher import MicroBatcher
 from service.metrics import ServiceMetrics
+from service.openrlhf import RolloutSample, split_samples
 from service.protocol import (CoTInfo, GetRewardRequest, GetRewardResponse, JudgeMode, PairwiseRequest,
                               PairwiseResponse, RewardDetail, RewardsRequest, RewardsResponse, RubricDetail,
                               RubricInfo, ScoreRequest, ScoreResponse)
@@ -80,12 +89,16 @@ class RubricCatalog:
         """The rubric a request names (or the default), checked to be of `kind`."""
         rubric = self.rubrics.get(rubric_id or self.defaults[kind])
         if rubric is None:
-            raise errors.RubricNotFound(f"unknown rubric {rubric_id!r}; this service serves: {', '.join(sorted(self.rubrics))}")
+            raise self._not_found(rubric_id or "")
         if rubric.kind != kind:
             same_kind = sorted(r.id for r in self.rubrics.values() if r.kind == kind)
             raise errors.InvalidRequest(f"rubric {rubric.id!r} is a {rubric.kind} rubric; this call needs a {kind} "
                                         f"rubric: {', '.join(same_kind)}")
         return rubric
+
+    def _not_found(self, rubric_id: str) -> errors.RubricNotFound:
+        return errors.RubricNotFound(f"unknown rubric {_shown(rubric_id)}; this service serves: "
+                                     f"{', '.join(sorted(self.rubrics))}")
 
     def info(self, rubric: Rubric) -> RubricInfo:
         return RubricInfo(id=rubric.id, version=rubric.version, kind=rubric.kind, description=rubric.description.strip(),
@@ -98,7 +111,7 @@ class RubricCatalog:
     def detail(self, rubric_id: str) -> RubricDetail:
         rubric = self.rubrics.get(rubric_id)
         if rubric is None:
-            raise errors.RubricNotFound(f"unknown rubric {rubric_id!r}; this service serves: {', '.join(sorted(self.rubrics))}")
+            raise self._not_found(rubric_id)
         cot = CoTInfo(**rubric.cot.model_dump()) if rubric.cot else None
         return RubricDetail(**self.info(rubric).model_dump(), system=rubric.system, template=rubric.template,
                             answer_instruction=rubric.answer_instruction, label_values=rubric.label_values,
@@ -120,17 +133,26 @@ class JudgeService:
         self.reward_model_name = reward_model_name or ("reward_model" if reward_model is not None else None)
         self.metrics = metrics
         self._judges: dict[Hashable, PairwiseJudge | ScoreJudge] = {}
+        self.context_length: int | None = getattr(engine, "context_length", None)
+        self.max_item_tokens, self.max_batch_tokens = settings.token_budget(self.context_length)
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
             self._run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
-            max_queue=settings.max_queue, retry_after=settings.retry_after,
+            max_queue=settings.max_queue, max_batch_tokens=self.max_batch_tokens, retry_after=settings.retry_after,
             on_batch=self._observe_batch if metrics else None,
             on_queue_depth=metrics.queue_depth.set if metrics else None)
+        # Rendering + tokenizing for token budgets and splitting OpenRLHF queries: CPU work kept off the
+        # event loop, one request at a time (the engine has its own thread).
+        self._cpu: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaif-prepare")
         await self.batcher.start()
 
     async def stop(self, timeout: float | None = None) -> None:
         await self.batcher.stop(timeout)
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False)
+            self._cpu = None
 
     # ------------------------------------------------------------------ endpoints
     async def pairwise(self, request: PairwiseRequest) -> PairwiseResponse:
@@ -139,7 +161,7 @@ class JudgeService:
             for name in ("prompt", "response_a", "response_b")))
         key = self._judge_key("pairwise", request.rubric, request.mode)
         items = [PairwiseItem(prompt=it.prompt, response_a=it.response_a, response_b=it.response_b) for it in request.items]
-        return PairwiseResponse(judgments=await self._submit(key, items))
+        return PairwiseResponse(judgments=await self._judge(key, items))
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         self._check_limits(len(request.items), (
@@ -147,7 +169,7 @@ class JudgeService:
             for name in ("prompt", "response")))
         key = self._judge_key("score", request.rubric, request.mode)
         items = [ScoreItem(prompt=it.prompt, response=it.response) for it in request.items]
-        return ScoreResponse(judgments=await self._submit(key, items))
+        return ScoreResponse(judgments=await self._judge(key, items))
 
     async def rewards(self, request: RewardsRequest) -> RewardsResponse:
         self._check_limits(len(request.items), (
@@ -162,7 +184,8 @@ class JudgeService:
                                    mode="reward_model", rubric_id=None, model=self.reward_model_name or "")
         if request.mode == "score":
             key = self._judge_key("score", request.rubric, request.judge_mode)
-            scored: list[ScoreJudgment] = await self._submit(key, [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses)])
+            scored: list[ScoreJudgment] = await self._judge(key, [ScoreItem(prompt=p, response=r)
+                                                                  for p, r in zip(prompts, responses)])
             values = [_rescale(j.score, signed) for j in scored]
             details = [RewardDetail(reward=v, score=j) for v, j in zip(values, scored)]
         else:
@@ -173,57 +196,66 @@ class JudgeService:
             key = self._judge_key("pairwise", request.rubric, request.judge_mode)
             pairs = [PairwiseItem(prompt=item.prompt, response_a=item.response, response_b=item.reference or "")
                      for item in request.items]
-            compared: list[PairwiseJudgment] = await self._submit(key, pairs)
+            compared: list[PairwiseJudgment] = await self._judge(key, pairs)
             values = [_rescale(j.prob_a, signed) for j in compared]
             details = [RewardDetail(reward=v, pairwise=j) for v, j in zip(values, compared)]
         return RewardsResponse(rewards=values, details=details, mode=request.mode, rubric_id=key[1],
                                model=self.engine.model_name)
 
     async def get_reward(self, request: GetRewardRequest) -> GetRewardResponse:
-        """OpenRLHF's `--remote_rm_url` call: split queries into prompt + response and reward them."""
+        """OpenRLHF's remote reward call: split each query into prompt + response (`service.openrlhf`), reward them.
+
+        A whole rollout (up to `get_reward_max_items` samples) is accepted in one request and
+        judged in chunks of `max_items`, each entering the queue as room frees up, so OpenRLHF
+        (which treats any error as fatal) gets rewards instead of a 413 or 429."""
         queries, prompts = request.query, request.prompts
         if len(prompts) != len(queries):
             raise errors.InvalidRequest(f"`prompts` has {len(prompts)} entries but `query` has {len(queries)}; "
                                         "send one prompt per query")
         self._check_limits(len(queries), [*((f"query.{i}", q) for i, q in enumerate(queries)),
-                                          *((f"prompts.{i}", p) for i, p in enumerate(prompts))])
+                                          *((f"prompts.{i}", p) for i, p in enumerate(prompts))],
+                           max_items=self.settings.get_reward_max_items, setting="get_reward_max_items")
         empty = [i for i, p in enumerate(prompts) if not p]
         if empty:
             raise errors.InvalidRequest(f"prompts must not be empty (empty at indices {_few(empty)})")
-        responses: list[str] = []
-        mismatched: list[int] = []
-        for i, (query, prompt) in enumerate(zip(queries, prompts)):
-            if query.startswith(prompt):
-                responses.append(query[len(prompt):])
-            else:
-                mismatched.append(i)
-                responses.append(query)  # only used under prefix_mismatch="whole_query"
-        if mismatched and self.settings.prefix_mismatch == "error":
-            raise errors.InvalidRequest(
-                f"prompts[i] must be a prefix of query[i] (the response is the rest of the query); not a prefix at "
-                f"indices {_few(mismatched)}. Send the exact prompt text, or start the service with "
-                "RLAIF_PREFIX_MISMATCH=whole_query to judge the whole query instead")
-        if mismatched:
-            logger.warning("/get_reward: prompt is not a prefix of the query at %d of %d items; judging whole queries",
-                           len(mismatched), len(queries))
+        policy = self.settings.prefix_mismatch
+        samples: list[RolloutSample] = await self._in_thread(
+            split_samples, queries, prompts, recover=policy == "recover", strip_template=self.settings.strip_chat_template)
+        if policy == "error":
+            mismatched = [i for i, sample in enumerate(samples) if sample.boundary != "prefix"]
+            if mismatched:
+                raise errors.InvalidRequest(
+                    f"prompts[i] must be a prefix of query[i] (the response is the rest of the query); not a prefix "
+                    f"at indices {_few(mismatched)}. Send the exact prompt text, or unset RLAIF_PREFIX_MISMATCH=error "
+                    "to recover the response from the longest prompt suffix found in the query")
+        flags = {"prefix_mismatch": [1.0 if s.boundary == "none" else 0.0 for s in samples],
+                 "prefix_recovered": [1.0 if s.boundary == "recovered" else 0.0 for s in samples],
+                 "template_stripped": [1.0 if s.template_stripped else 0.0 for s in samples]}
+        if any(flags["prefix_mismatch"]) or any(flags["prefix_recovered"]):
+            logger.info("/get_reward: %d of %d samples had no exact prompt prefix (%d recovered, %d judged whole)",
+                        sum(s.boundary != "prefix" for s in samples), len(samples),
+                        sum(flags["prefix_recovered"]), sum(flags["prefix_mismatch"]))
+        judged_prompts = [s.prompt for s in samples]
+        responses = [s.response for s in samples]
         if self.reward_model is not None:
-            raw = await self._reward_model_scores(prompts, responses)
+            raw = await self._reward_model_scores(judged_prompts, responses, chunked=True)
             return GetRewardResponse(rewards=raw, scores=[_sigmoid(r) for r in raw],
-                                     extra_logs={"reward_model_score": raw})
+                                     extra_logs={"reward_model_score": raw, **flags})
         key = self._judge_key("score", None, "logprob")
-        scored: list[ScoreJudgment] = await self._submit(key, [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses)])
+        items = [ScoreItem(prompt=p, response=r) for p, r in zip(judged_prompts, responses)]
+        scored: list[ScoreJudgment] = await self._judge(key, items, where="query", chunked=True)
         values = [j.score for j in scored]
-        flagged = set(mismatched)
         return GetRewardResponse(rewards=values, scores=values, extra_logs={
             "judge_expected_score": [j.expected_score for j in scored],
-            "prefix_mismatch": [1.0 if i in flagged else 0.0 for i in range(len(queries))]})
+            "label_mass": [j.label_mass for j in scored], **flags})
 
     # ------------------------------------------------------------------ helpers
-    def _check_limits(self, count: int, texts: Iterable[tuple[str, str]]) -> None:
-        limit = self.settings.max_items
+    def _check_limits(self, count: int, texts: Iterable[tuple[str, str]], *, max_items: int | None = None,
+                      setting: str = "max_items") -> None:
+        limit = max_items or self.settings.max_items
         if count > limit:
             raise errors.PayloadTooLarge(f"{count} items in one request, but this service accepts at most "
-                                         f"max_items={limit}; split the request")
+                                         f"{setting}={limit}; split the request")
         max_chars = self.settings.max_chars
         for where, text in texts:
             if len(text) > max_chars:
@@ -245,15 +277,71 @@ class JudgeService:
                 self._judges[key] = ScoreJudge(self.engine, rubric, mode=mode, cache=self.cache)
         return key
 
-    async def _submit(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
-        return await self.batcher.submit(key, items, timeout=self.settings.request_timeout)
+    async def _in_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run CPU-heavy request preparation on the service's worker thread, off the event loop."""
+        assert self._cpu is not None, "JudgeService.start() was not called"
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, lambda: fn(*args, **kwargs))
 
-    async def _reward_model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+    async def _judge(self, key: tuple[str, str, str], items: Sequence[Any], *, where: str = "items",
+                     chunked: bool = False) -> list[Any]:
+        """Check the token budget, then judge `items` through the micro-batcher (413 for an item over budget).
+
+        `chunked` (OpenRLHF rollouts larger than the queue): submit `max_items` at a time, each chunk
+        waiting for queue room instead of failing with 429."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        judge = self._judges[key]
+        counts: list[int] = await self._in_thread(judge.item_token_counts, items)
+        self._check_tokens(counts, key, where)
+        per_item = _sequences_per_item(judge)
+        costs = [count * per_item for count in counts]
+        if not chunked:
+            return await self._submit(key, items, costs, deadline)
+        return await self._submit_chunks(key, items, costs, deadline)
+
+    def _check_tokens(self, counts: list[int], key: tuple[str, str, str], where: str) -> None:
+        over = [i for i, count in enumerate(counts) if count > self.max_item_tokens]
+        if not over:
+            return
+        worst = max(over, key=lambda i: counts[i])
+        source = (f"RLAIF_MAX_ITEM_TOKENS; the engine's context length is {self.context_length}"
+                  if self.context_length else "RLAIF_MAX_ITEM_TOKENS")
+        raise errors.PayloadTooLarge(
+            f"{where}.{worst} needs {counts[worst]} tokens once rendered with rubric {key[1]!r} (its longest engine "
+            f"sequence), but this service accepts at most max_item_tokens={self.max_item_tokens} ({source}); "
+            f"over the limit: {where} {_few(over)}. Shorten the texts")
+
+    async def _submit(self, key: Hashable, items: Sequence[Any], costs: Sequence[float] | None, deadline: float, *,
+                      wait_for_room: bool = False) -> list[Any]:
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        return await self.batcher.submit(key, items, costs=costs, timeout=remaining, wait_for_room=wait_for_room)
+
+    async def _submit_chunks(self, key: Hashable, items: Sequence[Any], costs: Sequence[float] | None,
+                             deadline: float) -> list[Any]:
+        """Submit `max_items` items at a time, each chunk waiting for queue room; results in order."""
+        size = self.settings.max_items
+        tasks = [asyncio.ensure_future(self._submit(key, items[start:start + size],
+                                                    costs[start:start + size] if costs is not None else None,
+                                                    deadline, wait_for_room=True))
+                 for start in range(0, len(items), size)]
+        try:
+            parts = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one chunk failed (or the client left): the others stop waiting
+                task.cancel()
+        return [result for part in parts for result in part]
+
+    async def _reward_model_scores(self, prompts: list[str], responses: list[str], *,
+                                   chunked: bool = False) -> list[float]:
         if self.reward_model is None:
             raise errors.InvalidRequest("this service serves no reward model; start it with `rlaif serve --reward-model DIR` "
                                         "or use mode='score' / 'pairwise'")
         items = list(zip(prompts, responses))
-        return [float(value) for value in await self._submit(REWARD_MODEL_KEY, items)]
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        if chunked:
+            scores = await self._submit_chunks(REWARD_MODEL_KEY, items, None, deadline)
+        else:
+            scores = await self._submit(REWARD_MODEL_KEY, items, None, deadline)
+        return [float(value) for value in scores]
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
         """Runs in the batcher's worker thread: one engine (or reward-model) call for the whole batch."""
@@ -310,6 +398,22 @@ def _sigmoid(value: float) -> float:
         return 1.0 / (1.0 + math.exp(-value))
     exp = math.exp(value)
     return exp / (1.0 + exp)
+
+
+def _sequences_per_item(judge: PairwiseJudge | ScoreJudge) -> int:
+    """Engine sequences one item becomes (both orders x principles for pairwise), so a batch's token
+    cost counts all of them, not only the longest."""
+    principles = judge.rubric.principles or [None]
+    per_order = min(judge.rubric.principles_per_comparison or len(principles), len(principles))
+    samples = judge.cot_samples if judge.mode == "cot" else 1
+    return (2 * per_order if judge.kind == "pairwise" else 1) * samples
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for an error message, cut to `limit` characters (a request must not make us echo 100 KB)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _few(indices: list[int], limit: int = 10) -> str:

@@ -82,7 +82,8 @@ def test_typed_methods_round_trip(server):
         assert rewards.rewards == [d.reward for d in rewards.details]
         assert rewards.rewards[0] == pytest.approx(2 * rewards.details[0].pairwise.prob_a - 1)
         remote = client.get_reward(["q: 1", "q: 22"], ["q:", "q:"], labels=["a", "b"])
-        assert len(remote.rewards) == 2 and set(remote.extra_logs) == {"reward_model_score"}
+        assert len(remote.rewards) == 2
+        assert set(remote.extra_logs) == {"reward_model_score", "prefix_mismatch", "prefix_recovered", "template_stripped"}
         rubric_ids = [r.id for r in client.rubrics()]
         assert "helpfulness" in rubric_ids and client.rubric("helpfulness").kind == "pairwise"
         assert "secret" not in repr(JudgeClient(server.url, api_key="secret"))

@@ -16,12 +16,12 @@ from judge.types import OrderJudgment, PairwiseJudgment, Preference
 DATA = Path(__file__).parent / "data"
 
 
-def _always_first(chosen_is_a: bool) -> PairwiseJudgment:
+def _always_first(chosen_is_a: bool, mass: float = 0.9) -> PairwiseJudgment:
     """What a purely position-biased judge says: whichever response is shown first wins with 0.9."""
-    ab = OrderJudgment(order="ab", prob_first=0.9, prob_a=0.9)
-    ba = OrderJudgment(order="ba", prob_first=0.9, prob_a=0.1)
+    ab = OrderJudgment(order="ab", prob_first=0.9, prob_a=0.9, label_mass=mass)
+    ba = OrderJudgment(order="ba", prob_first=0.9, prob_a=0.1, label_mass=mass)
     return PairwiseJudgment(prob_a=0.5, preference=Preference.TIE, consistent=False, margin=0.0, per_order=[ab, ba],
-                            rubric_id="r", rubric_version="1", engine="e", model="m", mode="logprob")
+                            label_mass=mass, rubric_id="r", rubric_version="1", engine="e", model="m", mode="logprob")
 
 
 def test_position_biased_judge_is_exposed():
@@ -34,6 +34,15 @@ def test_position_biased_judge_is_exposed():
     assert report.accuracy == 0.5 and report.tie_rate == 1.0 and report.position_consistency == 0.0
     assert any("position consistency" in w for w in report.warnings)
     assert any("within noise" in w for w in report.warnings)
+    assert report.mean_label_mass == pytest.approx(0.9) and not any("label mass" in w for w in report.warnings)
+
+
+def test_low_label_mass_is_warned_about():
+    examples = load_preferences(DATA / "llmbar_natural_sample.json")
+    chosen_is_a = [presentation_order(e) for e in examples]
+    report = summarize([_always_first(a, mass=0.2) for a in chosen_is_a], chosen_is_a, examples, seconds=1.0)
+    assert report.mean_label_mass == pytest.approx(0.2)
+    assert any("label mass is 0.20" in w for w in report.warnings)
 
 
 def test_good_judge_has_no_warnings():
@@ -44,8 +53,9 @@ def test_good_judge_has_no_warnings():
         p = 0.95 if a else 0.05
         judgments.append(PairwiseJudgment(
             prob_a=p, preference=Preference.A if a else Preference.B, consistent=True, margin=0.9,
-            per_order=[OrderJudgment(order="ab", prob_first=p, prob_a=p), OrderJudgment(order="ba", prob_first=1 - p, prob_a=p)],
-            rubric_id="r", rubric_version="1", engine="e", model="m", mode="logprob"))
+            per_order=[OrderJudgment(order="ab", prob_first=p, prob_a=p, label_mass=0.99),
+                       OrderJudgment(order="ba", prob_first=1 - p, prob_a=p, label_mass=0.99)],
+            label_mass=0.99, rubric_id="r", rubric_version="1", engine="e", model="m", mode="logprob"))
     report = summarize(judgments, chosen_is_a, examples, seconds=2.0)
     assert report.accuracy == 1.0 and report.accuracy_ci95[0] > 0.5
     assert report.warnings == []

@@ -146,9 +146,30 @@ def test_local_pairwise_weighted_rubrics_equal_direct_judge_calls(default_engine
     assert source.last_components["harmlessness"] == pytest.approx(harmless, abs=TOL)
     assert rewards == pytest.approx([0.7 * h + 0.3 * s for h, s in zip(helpful, harmless)], abs=TOL)
 
-    # Debiased win probability: swapping response and reference mirrors it around 0.5.
-    swapped = LocalJudgeReward(default_engine, mode="pairwise").rewards(PROMPTS, REFERENCES, references=RESPONSES)
-    assert swapped == pytest.approx([1 - h for h in helpful], abs=TOL)
+
+
+def test_pairwise_reward_is_the_mean_of_both_orders_read_from_the_engine(default_engine):
+    """The reward of (response, reference) from the label log-probs of a direct engine call:
+    P("A") with the response shown first and 1 - P("A") with it shown second, averaged.
+
+    Pins what the judge's order bookkeeping must do (which text is Response A in each order,
+    inverting the second order, averaging rather than reading one order), which comparing the
+    reward with `PairwiseJudge` alone cannot: both would share a mistake there."""
+    from judge.engines.base import label_distribution
+    from judge.rubric import load_rubric
+
+    rubric = load_rubric("helpfulness")
+    special = tuple(default_engine.special_tokens)
+    prompts = [rubric.render(prompt=p, response_a=first, response_b=second, principle=None, special_tokens=special)
+               for p, r, ref in zip(PROMPTS, RESPONSES, REFERENCES) for first, second in ((r, ref), (ref, r))]
+    assert rubric.labels == ["A", "B"]
+    p_first = label_distribution(default_engine.label_logprobs(prompts, rubric.labels)).probs[:, 0].reshape(-1, 2)
+    expected = [(ab + (1.0 - ba)) / 2 for ab, ba in p_first]  # response first, then reference first
+    rewards = LocalJudgeReward(default_engine, mode="pairwise").rewards(PROMPTS, RESPONSES, references=REFERENCES)
+    assert rewards == pytest.approx(expected, abs=TOL)
+    # The two orders disagree by more than the tolerance (position bias), so reading only one, or
+    # not inverting the second, would fail above.
+    assert max(abs(ab - (1.0 - ba)) for ab, ba in p_first) > 10 * TOL
 
 
 def test_local_rejects_rubric_of_the_wrong_kind(default_engine):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from judge.engines.base import GenerationParams
+from judge.engines.base import GenerationParams, label_distribution, label_probs
 from judge.judges import PairwiseJudge, ScoreJudge
 from judge.rubric import RubricError, load_rubric, rubric_from_mapping
 from judge.types import ChatPrompt, PairwiseItem, Preference, ScoreItem
@@ -31,26 +31,34 @@ class ScriptedEngine:
     """Deterministic engine: P(first label) depends only on which response is shown first.
 
     `first_prob[text]` is the probability the engine gives to label[0] when `text` is the
-    response shown first. Generation echoes a fixed rationale and records its calls.
+    response shown first; the labels together get `mass` (what a real judge leaves on other
+    replies). Generation echoes a fixed rationale and records its calls.
     """
 
     engine_id = "scripted"
     model_name = "scripted"
+    context_length = 4096
+    special_tokens = ("<|im_end|>",)
 
-    def __init__(self, first_prob: dict[str, float]):
+    def __init__(self, first_prob: dict[str, float], mass: float = 0.8):
         self.first_prob = first_prob
+        self.mass = mass
         self.label_calls = 0
         self.generate_calls = 0
 
-    def label_probs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
+    def label_logprobs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
         self.label_calls += 1
         rows = []
         for prompt in prompts:
             text = "\n".join(m["content"] for m in prompt)
             first = text.split("<response_a>\n", 1)[1].split("\n</response_a>", 1)[0]
             p = self.first_prob[first]
-            rows.append([p, 1 - p] + [0.0] * (len(labels) - 2))
-        return np.asarray(rows)
+            rows.append([p * self.mass, (1 - p) * self.mass] + [0.0] * (len(labels) - 2))
+        with np.errstate(divide="ignore"):
+            return np.log(np.asarray(rows))
+
+    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
+        return [sum(len(m["content"]) for m in p) for p in prompts]
 
     def generate(self, prompts: Sequence[ChatPrompt], params: GenerationParams) -> list[list[str]]:
         self.generate_calls += 1
@@ -83,6 +91,24 @@ def test_debiasing_and_tie_rules(probs, expected_prob_a, consistent, preference)
     assert [o.order for o in result.per_order] == ["ab", "ba"]
     assert math.isclose(result.per_order[0].prob_first, probs["a"])
     assert math.isclose(result.per_order[1].prob_first, probs["b"])
+
+
+def test_label_mass_is_reported_per_order_and_averaged():
+    engine = ScriptedEngine({"a": 0.9, "b": 0.2}, mass=0.3)
+    result = PairwiseJudge(engine, "helpfulness").judge([_item("a", "b")])[0]
+    assert math.isclose(result.label_mass, 0.3) and all(math.isclose(o.label_mass, 0.3) for o in result.per_order)
+    # Normalization over the labels is unaffected by the mass.
+    assert math.isclose(result.per_order[0].prob_first, 0.9)
+
+
+def test_item_token_counts_cover_the_longest_order():
+    engine = ScriptedEngine({"short": 0.5, "a much longer response": 0.5})
+    judge = PairwiseJudge(engine, "helpfulness")
+    item = _item("short", "a much longer response")
+    counts = judge.item_token_counts([item, _item("short", "short")])
+    rendered = judge._prompts_for([item])
+    assert counts[0] == max(engine.prompt_token_counts(rendered)) + 3  # + the label and its ending token
+    assert counts[0] > counts[1]
 
 
 def test_one_engine_call_for_a_whole_batch():
@@ -135,14 +161,25 @@ def test_real_model_invariants(default_engine):
         assert result.timings.batch_size == len(ITEMS) and result.timings.engine_seconds > 0
 
 
-def test_real_model_swap_symmetry(default_engine):
-    """Judging (b, a) must give exactly 1 - P(a) of judging (a, b): the same two prompts are scored."""
-    judge = PairwiseJudge(default_engine, "helpfulness")
-    forward = judge.judge(ITEMS)
-    swapped = judge.judge([PairwiseItem(prompt=i.prompt, response_a=i.response_b, response_b=i.response_a) for i in ITEMS])
-    for f, s in zip(forward, swapped):
-        assert abs(f.prob_a - (1 - s.prob_a)) < 1e-4
-        assert f.consistent == s.consistent
+def test_real_model_per_order_verdicts_come_from_their_own_prompts(default_engine):
+    """Each order's probability is the engine's label distribution on *that* order's rendered prompt.
+
+    Rendered here independently (with the engine's special tokens defused, as the judge must), so a
+    judge that mixed up orders, rendered differently or read the wrong label would fail."""
+    rubric = load_rubric("helpfulness")
+    results = PairwiseJudge(default_engine, rubric).judge(ITEMS)
+    specials = default_engine.special_tokens
+    for item, result in zip(ITEMS, results):
+        ab = rubric.render(prompt=item.prompt, response_a=item.response_a, response_b=item.response_b,
+                           special_tokens=specials)
+        ba = rubric.render(prompt=item.prompt, response_a=item.response_b, response_b=item.response_a,
+                           special_tokens=specials)
+        dist = label_distribution(default_engine.label_logprobs([ab, ba], rubric.labels))
+        assert abs(result.per_order[0].prob_first - dist.probs[0, 0]) < 1e-4
+        assert abs(result.per_order[1].prob_first - dist.probs[1, 0]) < 1e-4
+        assert abs(result.label_mass - dist.mass.mean()) < 1e-4
+    # Premise that makes the comparison meaningful: the two orders really differ for this model.
+    assert any(abs(r.per_order[0].prob_first - r.per_order[1].prob_first) > 1e-3 for r in results)
 
 
 def test_real_model_batch_equals_single(default_engine):
@@ -158,10 +195,11 @@ def test_real_model_cache_hits_skip_engine(default_engine, judgment_cache):
         def __init__(self, inner):
             self.inner, self.calls = inner, 0
             self.engine_id, self.model_name = inner.engine_id, inner.model_name
+            self.special_tokens = inner.special_tokens
 
-        def label_probs(self, prompts, labels):
+        def label_logprobs(self, prompts, labels):
             self.calls += 1
-            return self.inner.label_probs(prompts, labels)
+            return self.inner.label_logprobs(prompts, labels)
 
         def generate(self, prompts, params):
             return self.inner.generate(prompts, params)
@@ -199,7 +237,13 @@ def test_real_model_cot_mode_produces_rationale(default_engine):
     short = rubric.model_copy(update={"cot": rubric.cot.model_copy(update={"max_new_tokens": 12})})
     result = PairwiseJudge(default_engine, short, mode="cot").judge(ITEMS[:1])[0]
     assert result.rationale and result.per_order[1].rationale
-    assert 0.4 <= result.prob_a <= 0.6
+    # Step 2 read independently: the label distribution after the stored rationale, clamped.
+    item = ITEMS[0]
+    first = short.render_cot(prompt=item.prompt, response_a=item.response_a, response_b=item.response_b,
+                             special_tokens=default_engine.special_tokens)
+    follow_up = short.render_cot_label(first, result.per_order[0].rationale)
+    unclamped = float(label_probs(default_engine, [follow_up], short.labels)[0, 0])
+    assert abs(result.per_order[0].prob_first - float(np.clip(unclamped, *short.clamp))) < 1e-4
 
 
 def test_real_model_score_judge(default_engine):

@@ -186,19 +186,49 @@ def test_label_cot_mode_keeps_the_chosen_first_rationale(tmp_path, default_engin
     rubric["cot"]["max_new_tokens"] = 8
     rubric_path = tmp_path / "short-cot.yaml"
     rubric_path.write_text(yaml.safe_dump(rubric))
+    source = [{"prompt": "What is the capital of France?", "x": "Paris.", "y": "I think it is Lyon."},
+              {"prompt": "How many legs does a spider have?", "x": "Six.", "y": "Spiders have eight legs."}]
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "What is the capital of France?", "x": "Paris.", "y": "I think it is Lyon."},
-        {"prompt": "How many legs does a spider have?", "x": "Six.", "y": "Spiders have eight legs."}]))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in source))
     config = LabelConfig(prompts=pairs, out=tmp_path / "cot", responses_from=("x", "y"), mode="cot",
                          rubric=str(rubric_path), progress=False)
     run_label(config, judge_engine=default_engine)
     rows = datasets.load_from_disk(str(tmp_path / "cot" / "dataset")).to_list()
     _, judged = stored(tmp_path / "cot")
     assert len(rows) == 2
+    unclamped = cot_order_probs(default_engine, rubric_path, [(r["prompt"], r["x"], r["y"]) for r in source])
     for index, row in enumerate(rows):
         per_order = {o["order"]: o for o in judged[index][(0, 1)]["per_order"]}
         shown_first = "ab" if row["chosen_index"] == 0 else "ba"  # the order where chosen was "Response A"
         assert row["rationale"] == per_order[shown_first]["rationale"] and row["rationale"]
         assert row["rubric_id"] == "helpfulness-cot"
-        assert 0.5 <= row["judge_prob"] <= 0.6  # the rubric clamps CoT probabilities to [0.4, 0.6]
+        # The clamp [0.4, 0.6] applies to each order's P(first), before the orders are averaged.
+        (p_ab, rationale_ab), (p_ba, rationale_ba) = unclamped[index]
+        assert per_order["ab"]["rationale"] == rationale_ab and per_order["ba"]["rationale"] == rationale_ba
+        clamped_ab, clamped_ba = min(max(p_ab, 0.4), 0.6), min(max(p_ba, 0.4), 0.6)
+        assert per_order["ab"]["prob_first"] == pytest.approx(clamped_ab, abs=1e-4)
+        assert per_order["ba"]["prob_first"] == pytest.approx(clamped_ba, abs=1e-4)
+        prob_x = (clamped_ab + 1.0 - clamped_ba) / 2  # P(x better), x = Response A in order "ab"
+        assert row["judge_prob"] == pytest.approx(prob_x if row["chosen_index"] == 0 else 1.0 - prob_x, abs=1e-4)
+    # At least one order fell outside [0.4, 0.6], so the clamp was exercised, not just allowed.
+    assert any(not 0.4 <= p <= 0.6 for pair in unclamped for p, _ in pair), unclamped
+
+
+def cot_order_probs(engine, rubric_path: Path, pairs: list[tuple[str, str, str]]) -> list[list[tuple[float, str]]]:
+    """Per (prompt, x, y): for order ab (x shown first) and ba, the unclamped P(first response better)
+    and the rationale, computed with direct engine calls (greedy rationale, then the label turn)."""
+    from judge.engines.base import GenerationParams, label_distribution
+    from judge.rubric import load_rubric
+
+    rubric = load_rubric(str(rubric_path))
+    special = tuple(engine.special_tokens)
+    prompts = [rubric.render_cot(prompt=prompt, response_a=first, response_b=second, principle=None,
+                                 special_tokens=special)
+               for prompt, x, y in pairs for first, second in ((x, y), (y, x))]
+    assert rubric.cot is not None and rubric.cot.temperature == 0.0 and rubric.labels == ["A", "B"]
+    params = GenerationParams(max_new_tokens=rubric.cot.max_new_tokens, temperature=0.0, n=1, seed=0)
+    rationales = [samples[0] for samples in engine.generate(prompts, params)]
+    follow_ups = [rubric.render_cot_label(p, r) for p, r in zip(prompts, rationales)]
+    p_first = label_distribution(engine.label_logprobs(follow_ups, rubric.labels)).probs[:, 0]
+    per_prompt = list(zip(p_first.tolist(), rationales))
+    return [per_prompt[2 * i:2 * i + 2] for i in range(len(pairs))]

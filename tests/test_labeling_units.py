@@ -26,9 +26,9 @@ def judgment(prob_a: float, *, rationale_ab: str | None = None, rationale_ba: st
     return PairwiseJudgment(
         prob_a=prob_a, preference=Preference.A if prob_a > 0.5 else Preference.B, consistent=True,
         margin=abs(prob_a - 0.5) * 2,
-        per_order=[OrderJudgment(order="ab", prob_first=prob_a, prob_a=prob_a, rationale=rationale_ab),
-                   OrderJudgment(order="ba", prob_first=1 - prob_a, prob_a=prob_a, rationale=rationale_ba)],
-        rationale=rationale_ab, rubric_id="helpfulness", rubric_version="1", engine="e", model="m", mode="logprob")
+        per_order=[OrderJudgment(order="ab", prob_first=prob_a, prob_a=prob_a, label_mass=0.9, rationale=rationale_ab),
+                   OrderJudgment(order="ba", prob_first=1 - prob_a, prob_a=prob_a, label_mass=0.9, rationale=rationale_ba)],
+        rationale=rationale_ab, label_mass=0.9, rubric_id="helpfulness", rubric_version="1", engine="e", model="m", mode="logprob")
 
 
 def config(tmp_path: Path, **overrides) -> LabelConfig:

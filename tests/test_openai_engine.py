@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from judge.engines import build_engine
-from judge.engines.base import EngineError, GenerationParams
+from judge.engines.base import EngineError, GenerationParams, TopCandidate, label_distribution, label_probs
 from judge.engines.openai import (OpenAIEngine, label_log_scores, missing_label_floor, normalize_token,
                                   top_logprobs_at)
 from judge.judges import PairwiseJudge
@@ -39,31 +39,58 @@ def recorded(name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- parsing (recorded responses)
+def texts(candidates) -> list[str]:
+    return [c.text for c in candidates]
+
+
+def lp(candidates) -> dict[str, float]:
+    """{text: log-prob}, summing duplicates (several tokens may render the same text)."""
+    out: dict[str, float] = {}
+    for c in candidates:
+        out[c.text] = float(np.logaddexp(out.get(c.text, -math.inf), c.logprob))
+    return out
+
+
+def ends(p_end: float) -> list[TopCandidate]:
+    """A hand-built top-k after a label: the end of the reply with `p_end`, a word continuation otherwise."""
+    return [TopCandidate(text="", logprob=math.log(p_end), special=True),
+            TopCandidate(text="xyz", logprob=math.log(1 - p_end))]
+
+
 def test_chat_shape_from_llamacpp():
     top = top_logprobs_at(recorded("llamacpp_chat_pairwise"))
-    assert [token for token, _ in top] == ["A", "The", "B", "You", "<"]
-    assert top[0][1] == pytest.approx(-1.341909646987915)
+    assert texts(top) == ["A", "The", "B", "You", "<"]
+    assert top[0].logprob == pytest.approx(-1.341909646987915)
 
 
 def test_chat_shape_on_completions_endpoint_from_llamacpp():
     top = top_logprobs_at(recorded("llamacpp_completions_pairwise"))
-    assert dict(top)["B"] == pytest.approx(-1.9352, abs=1e-3)
+    assert lp(top)["B"] == pytest.approx(-1.9352, abs=1e-3)
 
 
 def test_legacy_completions_shape():
-    top = dict(top_logprobs_at(recorded("openai_legacy_completions")))
-    assert top[" B"] == pytest.approx(-0.2876821) and top["B"] == pytest.approx(-3.2188758)
-    scores = label_log_scores(["A", "B"], lambda prefix: top_logprobs_at(recorded("openai_legacy_completions")))
-    # " B" and "B" both normalize to label B: their probabilities add up.
-    assert scores[1] == pytest.approx(math.log(math.exp(-0.2876821) + math.exp(-3.2188758)))
-    assert scores[0] == pytest.approx(-1.6094379)
+    top = top_logprobs_at(recorded("openai_legacy_completions"))
+    table = {"": top, "A": ends(0.5), "B": ends(0.9)}
+    scores = label_log_scores(["A", "B"], lambda prefix: table[prefix])
+    raw = {c.text: c.logprob for c in top}
+    # " B" and "B" both normalize to label B: their probabilities add up, then the ending factor.
+    assert scores[1] == pytest.approx(math.log(math.exp(raw[" B"]) + math.exp(raw["B"])) + math.log(0.9))
+    assert scores[0] == pytest.approx(raw[" A"] + math.log(0.5))
 
 
 def test_raw_bpe_tokens_are_normalized():
     top = top_logprobs_at(recorded("raw_bpe_legacy_completions"))
-    scores = label_log_scores(["7", "8"], lambda prefix: top)
+    table = {"": top, "7": ends(1 - 1e-9), "8": ends(1 - 1e-9)}
+    scores = label_log_scores(["7", "8"], lambda prefix: table[prefix])
     assert scores[0] == pytest.approx(-1.2039728)
     assert scores[1] == pytest.approx(math.log(math.exp(-0.5108256) + math.exp(-3.5065579)))  # "Ġ8" + "8"
+
+
+def test_end_of_turn_token_renders_as_empty_special_text():
+    body = {"choices": [{"logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": [
+        {"token": "", "logprob": -0.2}, {"token": ":", "logprob": -2.0}]}]}}]}
+    first = top_logprobs_at(body)[0]
+    assert first.special and first.text == ""
 
 
 @pytest.mark.parametrize("token, at_start, expected", [
@@ -82,23 +109,28 @@ def test_normalize_token(token, at_start, expected):
 
 def test_multi_token_label_follows_recorded_prefill():
     """Score labels 1..10 from a recorded first-token answer and the recorded follow-up after "1"."""
-    first, after_one = recorded("llamacpp_chat_score"), recorded("llamacpp_chat_score_prefill_1")
+    first, after_one = top_logprobs_at(recorded("llamacpp_chat_score")), top_logprobs_at(recorded("llamacpp_chat_score_prefill_1"))
     calls: list[str] = []
 
     def fetch(prefix: str):
         calls.append(prefix)
-        return top_logprobs_at({"": first, "1": after_one}[prefix])
+        return {"": first, "1": after_one}.get(prefix) or ends(0.8)
 
     labels = [str(i) for i in range(1, 11)]
     scores = label_log_scores(labels, fetch)
-    assert calls == ["", "1"], "one follow-up, only for the shared first token"
-    top0, top1 = dict(top_logprobs_at(first)), dict(top_logprobs_at(after_one))
-    assert scores[0] == pytest.approx(top0["1"])
-    assert scores[1] == pytest.approx(top0["2"])
-    assert scores[9] == pytest.approx(top0["1"] + top1["0"])
+    top0, top1 = lp(first), lp(after_one)
+    shown = [label for label in labels[:9] if label in top0]
+    assert calls[:2] == ["", "1"] and sorted(calls[2:]) == sorted({*shown[1:], "10"})
+    # "1": its token, then the ending tokens shown after it ("0" is not one: it spells "10").
+    end_after_one = sum(math.exp(v) for t, v in top1.items() if t == "" or not (t[0].isalnum() or t[0] in "_\ufffd"))
+    assert scores[0] == pytest.approx(top0["1"] + math.log(end_after_one))
+    assert scores[9] == pytest.approx(top0["1"] + top1["0"] + math.log(0.8))
     floor = missing_label_floor(list(top0.values()))
-    assert floor < min(top0.values())
-    np.testing.assert_allclose(scores[2:9], floor)  # "3".."9" were not in the top-10
+    for k, label in enumerate(labels[:9]):
+        if label not in top0:
+            assert scores[k] == pytest.approx(floor)
+        elif label != "1":
+            assert scores[k] == pytest.approx(top0[label] + math.log(0.8))
 
 
 def test_missing_label_floor_is_below_everything_returned():
@@ -127,31 +159,35 @@ def pair_prompts():
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_label_probs_live_agree_with_hf(llamacpp_server_module, default_engine, pair_prompts, endpoint):
+def test_label_logprobs_live_agree_with_hf(llamacpp_server_module, default_engine, pair_prompts, endpoint):
+    """Same weights (Q4_1 in llama.cpp, dequantized fp32 in transformers), same label semantics."""
     with OpenAIEngine(llamacpp_server_module.base_url, MODEL_ALIAS, endpoint=endpoint) as engine:
-        got = engine.label_probs(pair_prompts, ["A", "B"])
-    assert got.shape == (len(pair_prompts), 2)
-    assert np.all(np.isfinite(got)) and np.all(got >= 0)
-    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-9)
-    hf = default_engine.label_probs(pair_prompts, ["A", "B"])
-    # Same weights, Q4_1 in llama.cpp vs dequantized fp32 in transformers.
-    assert np.abs(got - hf).max() < 0.15, (got, hf)
-    decisive = np.abs(hf[:, 0] - 0.5) > 0.05
-    assert np.array_equal(got[decisive].argmax(axis=1), hf[decisive].argmax(axis=1)), (got, hf)
+        got = label_distribution(engine.label_logprobs(pair_prompts, ["A", "B"]))
+    hf = label_distribution(default_engine.label_logprobs(pair_prompts, ["A", "B"]))
+    assert got.probs.shape == (len(pair_prompts), 2)
+    assert np.abs(got.probs - hf.probs).max() < 0.15, (got.probs, hf.probs)
+    assert np.abs(got.mass - hf.mass).max() < 0.15, (got.mass, hf.mass)
+    decisive = np.abs(hf.probs[:, 0] - 0.5) > 0.05
+    assert np.array_equal(got.probs[decisive].argmax(axis=1), hf.probs[decisive].argmax(axis=1))
 
 
 def test_multi_token_labels_live(llamacpp_server_module, default_engine):
+    """A judge certain of "10" scores 10 on both engines (the old definition folded it onto "1")."""
     rubric = load_rubric("score-1-10")
+    few_shot = []
+    for k in range(3):
+        few_shot += [{"role": "user", "content": f"Rate this answer from 1 to 10: 'perfect answer {k}'"},
+                     {"role": "assistant", "content": "10"}]
     prompts = [rubric.render(prompt="What is 2+2?", response="2+2 equals 4."),
-               rubric.render(prompt="Name a prime number.", response="Nine is a prime number.")]
+               few_shot + [{"role": "user", "content": "Rate this answer from 1 to 10: 'perfect answer'"}]]
     results = {}
     for endpoint in ("chat", "completions"):
         with OpenAIEngine(llamacpp_server_module.base_url, MODEL_ALIAS, endpoint=endpoint) as engine:
-            results[endpoint] = engine.label_probs(prompts, rubric.labels)
-    hf = default_engine.label_probs(prompts, rubric.labels)
+            results[endpoint] = label_probs(engine, prompts, rubric.labels)
+    hf = label_probs(default_engine, prompts, rubric.labels)
     for endpoint, got in results.items():
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-9)
-        assert np.all(got[:, 9] <= got[:, 0] + 1e-12), "P('10') = P('1') P('0'|'1') cannot exceed P('1')"
+        assert int(got[1].argmax()) == 9 and float(got[1] @ np.arange(1, 11)) > 9.0, (endpoint, got[1])
         assert np.abs(got - hf).max() < 0.15, (endpoint, got, hf)
     # Both endpoints send the same text to the same server.
     np.testing.assert_allclose(results["chat"], results["completions"], atol=0.05)
@@ -176,14 +212,17 @@ def test_generate_live(llamacpp_server_module):
 def test_pairwise_judge_end_to_end_through_spec(llamacpp_server_module):
     spec = f"openai:{llamacpp_server_module.base_url}#{MODEL_ALIAS}"
     engine = build_engine(spec)
-    assert engine.engine_id == spec
+    assert engine.engine_id.startswith(spec + "#")
+    assert engine.concurrency == 1, "llama.cpp reports one slot in /props: one request at a time by default"
+    assert engine.context_length == 4096
     items = [PairwiseItem(prompt="What is the capital of France?", response_a="Paris.",
                           response_b="I am not sure, maybe Lyon."),
              PairwiseItem(prompt="Say hi.", response_a="Hi!", response_b="Hello there!")]
     judgments = PairwiseJudge(engine, "helpfulness").judge(items)
     assert len(judgments) == 2
     for judgment in judgments:
-        assert 0.0 <= judgment.prob_a <= 1.0 and judgment.engine == spec and judgment.model == MODEL_ALIAS
+        assert 0.0 <= judgment.prob_a <= 1.0 and judgment.engine == engine.engine_id and judgment.model == MODEL_ALIAS
+        assert 0.0 < judgment.label_mass <= 1.0
         assert [o.order for o in judgment.per_order] == ["ab", "ba"]
         assert judgment.preference in set(Preference)
 
@@ -248,34 +287,85 @@ def mimic() -> Iterator[MimicServer]:
 NO_LOGPROBS = {"object": "chat.completion", "model": "m",
                "choices": [{"index": 0, "message": {"role": "assistant", "content": "A"}, "finish_reason": "length"}]}
 ONE_PROMPT = [[{"role": "user", "content": "A or B?"}]]
+END_REPLY = {"object": "chat.completion", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+    "role": "assistant", "content": ""}, "logprobs": {"content": [{"token": "", "logprob": -0.1, "top_logprobs": [
+        {"token": "", "logprob": math.log(0.9)}, {"token": "pple", "logprob": math.log(0.1)}]}]}}]}
+"""What the mimic answers to a continuation after a label: the reply ends there with P = 0.9."""
+
+
+def is_continuation(body: dict) -> bool:
+    return body.get("continue_final_message") is True
+
+
+def pairwise_then_endings(first: dict) -> Callable[[dict], Reply]:
+    return lambda body: (200, END_REPLY if is_continuation(body) else first, {})
+
+
+def expected_pairwise(first: dict) -> np.ndarray:
+    top = lp(top_logprobs_at(first))
+    scores = np.array([top["A"], top["B"]]) + math.log(0.9)
+    return label_distribution(scores[None, :]).probs[0]
 
 
 def test_server_without_logprobs_raises_clear_error(mimic):
     mimic.respond = lambda body: (200, NO_LOGPROBS, {})
     engine = OpenAIEngine(mimic.base_url, "m", max_retries=0)
     with pytest.raises(EngineError, match="returned no logprobs"):
-        engine.label_probs(ONE_PROMPT, ["A", "B"])
+        engine.label_logprobs(ONE_PROMPT, ["A", "B"])
     assert mimic.requests[0]["logprobs"] is True and mimic.requests[0]["top_logprobs"] == 20
-    assert mimic.requests[0]["max_tokens"] == 1
+    assert mimic.requests[0]["max_tokens"] == 2
+
+
+def test_label_ending_is_read_from_continuations(mimic):
+    first = recorded("llamacpp_chat_pairwise")
+    mimic.respond = pairwise_then_endings(first)
+    engine = OpenAIEngine(mimic.base_url, "m", max_retries=0)
+    got = label_distribution(engine.label_logprobs(ONE_PROMPT, ["A", "B"]))
+    np.testing.assert_allclose(got.probs[0], expected_pairwise(first), atol=1e-9)
+    top = lp(top_logprobs_at(first))
+    assert got.mass[0] == pytest.approx((math.exp(top["A"]) + math.exp(top["B"])) * 0.9)
+    follow_ups = [b["messages"][-1] for b in mimic.requests if is_continuation(b)]
+    assert sorted(m["content"] for m in follow_ups) == ["A", "B"] and all(m["role"] == "assistant" for m in follow_ups)
+
+
+def test_greedy_second_position_saves_a_follow_up(mimic):
+    """max_tokens=2: the top-k after the greedy first token is the ending check of that label, for free."""
+    first = json.loads(json.dumps(recorded("llamacpp_chat_pairwise")))
+    content = first["choices"][0]["logprobs"]["content"]
+    content.append({"token": ":", "logprob": -0.2, "top_logprobs": [{"token": ":", "logprob": math.log(0.7)},
+                                                                     {"token": "pple", "logprob": math.log(0.3)}]})
+    assert content[0]["token"] == "A"
+    mimic.respond = pairwise_then_endings(first)
+    engine = OpenAIEngine(mimic.base_url, "m", max_retries=0)
+    scores = engine.label_logprobs(ONE_PROMPT, ["A", "B"])[0]
+    assert [b["messages"][-1]["content"] for b in mimic.requests if is_continuation(b)] == ["B"]
+    top = lp(top_logprobs_at(first))
+    assert scores[0] == pytest.approx(top["A"] + math.log(0.7))  # ":" ends "A", "pple" does not
 
 
 def test_retries_5xx_and_429_then_succeeds(mimic):
-    mimic.script((503, {"error": "busy"}, {"Retry-After": "0"}), (429, {"error": "slow down"}, {}),
-                 (200, recorded("llamacpp_chat_pairwise"), {}))
+    first = recorded("llamacpp_chat_pairwise")
+    replies = [(503, {"error": "busy"}, {"Retry-After": "0"}), (429, {"error": "slow down"}, {})]
+    mimic.respond = lambda body: replies.pop(0) if replies else pairwise_then_endings(first)(body)
     engine = OpenAIEngine(mimic.base_url, "m", max_retries=2, backoff_seconds=0.01)
-    probs = engine.label_probs(ONE_PROMPT, ["A", "B"])
-    assert len(mimic.requests) == 3
-    top = dict(top_logprobs_at(recorded("llamacpp_chat_pairwise")))
-    expected = np.exp([top["A"], top["B"]]) / np.exp([top["A"], top["B"]]).sum()
-    np.testing.assert_allclose(probs[0], expected, atol=1e-9)
+    probs = label_probs(engine, ONE_PROMPT, ["A", "B"])
+    assert len(mimic.requests) == 5  # 2 failures, the first-token request, 2 continuations
+    np.testing.assert_allclose(probs[0], expected_pairwise(first), atol=1e-9)
 
 
 def test_gives_up_after_max_retries(mimic):
     mimic.respond = lambda body: (502, {"error": "bad gateway"}, {})
     engine = OpenAIEngine(mimic.base_url, "m", max_retries=1, backoff_seconds=0.01)
     with pytest.raises(EngineError, match="after 2 attempt"):
-        engine.label_probs(ONE_PROMPT, ["A", "B"])
+        engine.label_logprobs(ONE_PROMPT, ["A", "B"])
     assert len(mimic.requests) == 2
+
+
+def test_timeout_names_the_knob(mimic):
+    mimic.respond = lambda body: (time.sleep(1.0), (200, recorded("llamacpp_chat_pairwise"), {}))[1]
+    engine = OpenAIEngine(mimic.base_url, "m", timeout=0.2, max_retries=0)
+    with pytest.raises(EngineError, match=r"timeout=0.2 s.*\?timeout=600&concurrency=1"):
+        engine.label_logprobs(ONE_PROMPT, ["A", "B"])
 
 
 def test_client_errors_are_not_retried(mimic):
@@ -286,24 +376,27 @@ def test_client_errors_are_not_retried(mimic):
     assert len(mimic.requests) == 1
 
 
+REFUSED = (400, {"error": {"message": "Unrecognized request argument: continue_final_message"}}, {})
+
+
 def test_server_that_refuses_assistant_prefill(mimic):
-    """A hosted-API-like server: fine for single-token labels, 400 on continue_final_message."""
-    mimic.script((200, recorded("llamacpp_chat_score"), {}),
-                 (400, {"error": {"message": "Unrecognized request argument: continue_final_message"}}, {}))
+    """A hosted-API-like server: single-token labels work (ending unseen: P(end) = 1); '1'..'10' cannot."""
+    first = recorded("llamacpp_chat_pairwise")
+    mimic.respond = lambda body: REFUSED if is_continuation(body) else (200, first, {})
     engine = OpenAIEngine(mimic.base_url, "m", max_retries=0)
-    with pytest.raises(EngineError, match="multi-token labels need the server to continue an assistant prefix"):
-        engine.label_probs([[{"role": "user", "content": "Rate 1-10"}]], [str(i) for i in range(1, 11)])
-    follow_up = mimic.requests[1]
-    assert follow_up["messages"][-1] == {"role": "assistant", "content": "1"}
-    assert follow_up["continue_final_message"] is True and follow_up["add_generation_prompt"] is False
+    top = lp(top_logprobs_at(first))
+    np.testing.assert_allclose(engine.label_logprobs(ONE_PROMPT, ["A", "B"])[0], [top["A"], top["B"]])
+    mimic.respond = lambda body: REFUSED if is_continuation(body) else (200, recorded("llamacpp_chat_score"), {})
+    with pytest.raises(EngineError, match="prefix of another label|spans several tokens"):
+        engine.label_logprobs([[{"role": "user", "content": "Rate 1-10"}]], [str(i) for i in range(1, 11)])
 
 
 def test_api_key_from_environment(mimic, monkeypatch):
-    mimic.respond = lambda body: (200, recorded("llamacpp_chat_pairwise"), {})
+    mimic.respond = pairwise_then_endings(recorded("llamacpp_chat_pairwise"))
     monkeypatch.setenv("RLAIF_TEST_KEY", "s3cret")
     engine = OpenAIEngine(mimic.base_url, "m", api_key_env="RLAIF_TEST_KEY")
-    engine.label_probs(ONE_PROMPT, ["A", "B"])
-    assert mimic.headers[0]["authorization"] == "Bearer s3cret"
+    engine.label_logprobs(ONE_PROMPT, ["A", "B"])
+    assert all(h["authorization"] == "Bearer s3cret" for h in mimic.headers)
     monkeypatch.delenv("RLAIF_TEST_KEY")
     with pytest.raises(EngineError, match="RLAIF_TEST_KEY"):
         OpenAIEngine(mimic.base_url, "m", api_key_env="RLAIF_TEST_KEY")
@@ -317,11 +410,13 @@ def test_concurrent_requests_keep_prompt_order(mimic):
     top[0]["token"], top[2]["token"] = "B", "A"  # same numbers, letters swapped
 
     def respond(body: dict) -> Reply:
+        if is_continuation(body):
+            return 200, END_REPLY, {}
         index = int(body["messages"][0]["content"].removeprefix("q"))
         time.sleep(0.05 * (7 - index))  # later prompts answer sooner
         return 200, (a_likely if index % 3 == 0 else b_likely), {}
 
     mimic.respond = respond
     engine = OpenAIEngine(mimic.base_url, "m", concurrency=8)
-    probs = engine.label_probs([[{"role": "user", "content": f"q{i}"}] for i in range(8)], ["A", "B"])
+    probs = label_probs(engine, [[{"role": "user", "content": f"q{i}"}] for i in range(8)], ["A", "B"])
     assert [int(p.argmax()) for p in probs] == [0 if i % 3 == 0 else 1 for i in range(8)]

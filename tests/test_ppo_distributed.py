@@ -5,6 +5,10 @@
 sees exactly the environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, rendezvous) a multi-GPU
 run gives it. Only the backend differs (Gloo instead of NCCL), which this machine cannot
 test.
+
+Besides training and resuming together, two processes must compute the update one
+process would on their whole batch: losses are token means over every process's tokens and
+advantages are whitened over all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_policy import make_tiny_policy
 
@@ -78,3 +83,39 @@ def test_rlaif_ppo_cli_runs_under_the_launcher_unchanged(tmp_path, tiny_policy):
     assert [m["step"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
     assert all(m["samples_used"] == 4 for m in metrics)
     assert (out / "checkpoint-2" / "rng_state_rank1.pt").is_file()
+
+
+def test_two_processes_update_like_one_process_with_the_whole_batch(tmp_path, tiny_policy):
+    """2 processes x 4 responses (1 micro-batch each) == 1 process x 8 responses, for ppo, rloo, grpo.
+
+    The responses differ in length between the halves, so averaging per-process token means
+    (or whitening per process) would change the gradients by tens of percent."""
+    from tests.ddp_equivalence_worker import ESTIMATORS, data_parallel_config, one_step
+
+    out = tmp_path / "ddp"
+    result = torchrun(str(REPO / "tests" / "ddp_equivalence_worker.py"), "--policy", tiny_policy, "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parallel = torch.load(out / "ddp_equivalence.pt", weights_only=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {e: one_step(data_parallel_config(tiny_policy, str(tmp_path / e), e, batch_size=4))
+                  for e in ESTIMATORS}
+    finally:
+        torch.set_num_threads(previous)
+    for estimator in ESTIMATORS:
+        one, two = single[estimator], parallel[estimator]
+        assert two["record"]["samples_used"] == one["record"]["samples_used"] == 8
+        assert len(two["gradients"]) == len(one["gradients"]) == (4 if estimator == "ppo" else 2)
+        for i, (g_one, g_two) in enumerate(zip(one["gradients"], two["gradients"])):
+            scale = max(float(g.abs().max()) for g in g_one)
+            for a, b in zip(g_one, g_two):
+                torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-4 * scale,
+                                           msg=lambda m: f"{estimator}, optimizer step {i}: {m}")
+        torch.testing.assert_close(two["before"], one["before"])
+        update = one["after"] - one["before"]
+        drift = float((two["after"] - one["after"]).norm() / update.norm())
+        assert drift < 1e-3, f"{estimator}: the update differs by {drift:.1e} of its norm"
+        for key in ("policy_loss", "clipfrac", "value_loss", "kl_loss"):
+            if key in one["record"]:
+                assert two["record"][key] == pytest.approx(one["record"][key], rel=1e-4, abs=1e-6), key

@@ -79,8 +79,8 @@ def test_flipped_advantage_does_not_improve(tiny_policy, tmp_path, monkeypatch):
     # Same run, but the trainer's policy loss sees -advantages: gradient ascent on the wrong sign.
     original = ppo_module.policy_loss
 
-    def flipped(logprobs, old_logprobs, advantages, mask, clip_range):
-        return original(logprobs, old_logprobs, -advantages, mask, clip_range)
+    def flipped(logprobs, old_logprobs, advantages, mask, clip_range, num_tokens=None):
+        return original(logprobs, old_logprobs, -advantages, mask, clip_range, num_tokens)
 
     monkeypatch.setattr(ppo_module, "policy_loss", flipped)
     curve = reward_curve(learning_config(tiny_policy, tmp_path, "ppo"))

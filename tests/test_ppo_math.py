@@ -24,6 +24,7 @@ from policy_training.ppo_math import (
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
+    masked_token_mean,
     masked_var,
     masked_whiten,
     policy_loss,
@@ -114,6 +115,52 @@ def test_masked_stats_and_whitening():
     torch.testing.assert_close(masked_whiten(x, mask), T([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
     # shift_mean=False rescales but keeps the mean: (x - 2)/1 + 2
     torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), T([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_masked_whiten_with_all_sum_uses_the_statistics_of_every_part():
+    # Two processes holding identical halves: all_sum doubles every local sum, and the result
+    # must be the whitening of the concatenated batch (n = 6 values, Bessel divisor 5, not 2).
+    x = T([[1.0, 2.0, 7.0, 100.0], [4.0, -3.0, 0.0, 0.0]])
+    mask = T([[True, True, True, False], [True, False, False, False]])
+    whole = masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:2]
+    torch.testing.assert_close(masked_whiten(x, mask, all_sum=lambda t: 2 * t), whole)
+    # values 1, 2, 7, 4 twice: mean 3.5, var = 2 * (6.25 + 2.25 + 12.25 + 0.25) / 7 = 6
+    torch.testing.assert_close(whole[0, 0], T((1.0 - 3.5) / math.sqrt(6.0)))
+
+
+def test_masked_token_mean_parts_add_up_to_the_whole():
+    # 6 real tokens: 1 + 2 + 3 in row 0, 10 + 20 in row 1, 4 in row 2 -> token mean 40 / 6.
+    x = T([[1.0, 2.0, 3.0], [10.0, 20.0, float("nan")], [4.0, 0.0, 0.0]])
+    mask = T([[True, True, True], [True, True, False], [True, False, False]])
+    assert masked_token_mean(x, mask).item() == pytest.approx(40 / 6)  # default: its own tokens
+    parts = [masked_token_mean(x[rows], mask[rows], num_tokens=6) for rows in ([0], [1, 2])]
+    assert sum(p.item() for p in parts) == pytest.approx(40 / 6)
+    assert masked_token_mean(x, torch.zeros_like(mask), num_tokens=0).item() == 0.0  # no tokens: 0, not NaN
+
+
+@pytest.mark.parametrize("loss_fn", ["policy", "value"])
+def test_losses_split_into_parts_give_the_whole_loss_and_gradient(loss_fn):
+    # Rows of 1, 3 and 2 tokens, ratios and values on both sides of the clip range.
+    mask = T([[True, False, False], [True, True, True], [True, True, False]])
+    new = T([[0.3, 9.0, 9.0], [-0.5, 0.05, 0.1], [0.0, -0.2, 9.0]])
+    old = torch.zeros(3, 3)
+    target = T([[1.0, 0.0, 0.0], [-2.0, 0.5, 3.0], [0.25, -1.0, 0.0]])
+
+    def run(rows: list[int], num_tokens: float | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        leaf = new.clone().requires_grad_(True)
+        if loss_fn == "policy":
+            loss, stats = policy_loss(leaf[rows], old[rows], target[rows], mask[rows], 0.2, num_tokens)
+        else:
+            loss, stats = value_loss(leaf[rows], old[rows], target[rows], mask[rows], 0.2, num_tokens)
+        loss.backward()
+        return loss.detach(), stats, leaf.grad
+
+    whole, whole_stats, whole_grad = run([0, 1, 2], None)
+    parts = [run(rows, num_tokens=6) for rows in ([0], [1, 2])]
+    torch.testing.assert_close(sum(p[0] for p in parts), whole)
+    torch.testing.assert_close(sum(p[2] for p in parts), whole_grad)
+    for key, value in whole_stats.items():
+        torch.testing.assert_close(sum(p[1][key] for p in parts), value)
 
 
 def test_masked_mean_tolerates_nan_in_padding_and_empty_masks():

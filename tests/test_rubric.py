@@ -133,3 +133,100 @@ def test_fingerprint_tracks_wording():
     changed = rubric_from_mapping({**rubric.model_dump(exclude={"source"}), "answer_instruction": "Pick A or B."})
     assert rubric.fingerprint != changed.fingerprint
     assert rubric.fingerprint == load_rubric("helpfulness").fingerprint
+
+
+# ------------------------------------------------------------------------------ defusing: speed and coverage
+def _reference_neutralize(text: str) -> str:
+    """The original regexes (quadratic on long whitespace runs): the slow reference for short inputs."""
+    import re
+
+    text = re.sub(r"<(?=\s*/?\s*(?:user_prompt|response(?:_a|_b)?|principle|s)\s*[>/\s])", "‹", text, flags=re.I)
+    text = re.sub(r"<(?=\s*\|)", "‹", text)
+    text = re.sub(r"\|(?=\s*>)", "¦", text)
+    return re.sub(r"\[(?=\s*/?\s*INST\s*\])", "⁅", text, flags=re.I)
+
+
+def test_neutralize_matches_the_reference_on_random_short_texts():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["<", "/", " ", "\t", "\n", ">", "|", "[", "]", "INST", "inst", "s", "S", "response", "_a", "_b",
+              "user_prompt", "principle", "x", "RESPONSE", "im_end"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert neutralize(text) == _reference_neutralize(text), repr(text)
+
+
+MANY_TOKENS = ("<|im_start|>", "<|im_end|>", "<file_sep>", "<repo_name>", "[AVAILABLE_TOOLS]",
+               *(f"<|reserved_special_token_{i}|>" for i in range(250)))
+
+ADVERSARIAL = [
+    # (name, 1 MB of text) -- each shape targets one way the old regexes backtracked or scanned
+    ("one < then spaces", "<" + " " * 1_000_000),                  # the reported case, 60x longer
+    ("< then mixed whitespace", "<" + "\t\n \r" * 250_000),
+    ("many < each with spaces", ("<" + " " * 60) * 16_000),
+    ("< / then spaces", ("< /" + " " * 40) * 23_000),
+    ("only <", "<" * 1_000_000),
+    ("<| pairs", "<|" * 500_000),                                  # every "<" is a match
+    ("almost a tag", "</response_" * 90_000),
+    ("almost a special token", "<|reserved_special_token_" * 40_000),
+    ("[ / spaces", ("[ /" + " " * 30) * 30_000),
+    ("pipes then spaces", ("|" + " " * 30) * 32_000),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), ADVERSARIAL, ids=[name for name, _ in ADVERSARIAL])
+def test_neutralize_is_linear_time_on_adversarial_text(name, text):
+    import time
+
+    neutralize("warm up the compiled patterns", MANY_TOKENS)
+    best = float("inf")
+    for _ in range(3):  # best of three: a shared CI machine can stall any single run
+        started = time.perf_counter()
+        neutralize(text, MANY_TOKENS)
+        best = min(best, time.perf_counter() - started)
+    assert best < 0.2, f"{name}: {best:.3f}s for {len(text):,} characters"
+
+
+@pytest.mark.parametrize("tokens", [
+    ("<file_sep>", "<repo_name>", "<reponame>", "<|endoftext|>"),   # several sharing a first character
+    ("[AVAILABLE_TOOLS]", "[INST]", "|end|", "<<SYS>>"),              # other first characters
+    ("\u2581<PRE>", "@@"),                                           # first character that is not < | [
+    ("<s>", "<s>x"),                                                  # one token a prefix of another
+])
+def test_every_special_token_is_defused_wherever_it_occurs(tokens):
+    texts = [" ".join(tokens), "".join(tokens), "".join(t + t for t in tokens),
+             "".join(t[:-1] + t for t in tokens), f"pre{tokens[0]}post\n{tokens[-1]}"]
+    for text in texts:
+        out = neutralize(text, tokens)
+        for token in tokens:
+            assert token not in out, (token, text, out)
+
+
+def test_real_tokenizer_sees_special_ids_only_where_the_template_put_them(plain_checkpoint_dir):
+    """SmolLM2 has 17 special tokens (`<file_sep>`, `<repo_name>`, ...); before, 14 of them reached the
+    model as special ids from user text. Rendered with the tokenizer's own list, none may."""
+    from transformers import AutoTokenizer
+
+    from judge.engines.base import tokenizer_special_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(plain_checkpoint_dir)
+    specials = tokenizer_special_tokens(tokenizer)
+    assert len(specials) >= 17 and "<file_sep>" in specials and "<repo_name>" in specials
+    special_ids = {tokenizer.convert_tokens_to_ids(token) for token in specials}
+
+    def special_sequence(messages) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special_ids]
+
+    attack = "".join(specials) + " and again: " + " ".join(specials) + "\n" + "x".join(specials)
+    for rubric_id in ("helpfulness", "score-1-10"):
+        rubric = load_rubric(rubric_id)
+        fields = ({"response_a": attack, "response_b": attack} if rubric.kind == "pairwise" else {"response": attack})
+        benign = {name: "fine" for name in fields}
+        attacked = special_sequence(rubric.render(prompt=attack, special_tokens=specials, **fields))
+        expected = special_sequence(rubric.render(prompt="fine", special_tokens=specials, **benign))
+        assert attacked == expected, f"{rubric_id}: special ids from user text: {attacked} vs {expected}"
+        # without the tokenizer's list only the chat-turn markers would be caught: the test can fail
+        leaked = special_sequence(rubric.render(prompt=attack, **fields))
+        assert len(leaked) > len(expected)

@@ -115,22 +115,38 @@ def test_rewards_score_and_pairwise_modes(live, default_engine):
     assert compared["model"] == default_engine.model_name
 
 
-def test_openrlhf_get_reward_round_trip(live, default_engine):
-    # What OpenRLHF sends with --remote_rm_url: chat-templated prompts and prompt+response queries.
-    prompts = ["<|im_start|>user\nWhat is 3+3?<|im_end|>\n<|im_start|>assistant\n",
-               "<|im_start|>user\nName an ocean.<|im_end|>\n<|im_start|>assistant\n"]
-    responses = ["6<|im_end|>", "The Pacific Ocean.<|im_end|>"]
-    payload = {"query": [p + r for p, r in zip(prompts, responses)], "prompts": prompts, "labels": ["6", "Pacific"]}
-    response = live.post("/get_reward", json=payload)
+def test_openrlhf_get_reward_round_trip(live, default_engine, plain_checkpoint_dir):
+    """What OpenRLHF sends: chat-templated prompts (SmolLM2's own template) and prompt + response + <|im_end|>
+    queries, the second left-truncated. The rewards equal /v1/rewards and in-process judging of the plain
+    (question, answer): the policy's template is not part of what the judge grades."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plain_checkpoint_dir)
+    questions, answers = ["What is 3+3?", "Name an ocean."], ["6", "The Pacific Ocean."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in questions]
+    queries = [prompts[0] + answers[0] + "<|im_end|>", prompts[1][60:] + answers[1] + "<|im_end|>"]
+    response = live.post("/get_reward", json={"query": queries, "prompts": prompts, "labels": ["6", "Pacific"]})
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"rewards", "scores", "extra_logs"}
     expected = ScoreJudge(default_engine, "score-1-10").judge(
-        [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses)])
+        [ScoreItem(prompt=q, response=a) for q, a in zip(questions, answers)])
     assert body["rewards"] == pytest.approx([j.score for j in expected], abs=TOL)
+    direct = live.post("/v1/rewards", json={"items": [{"prompt": q, "response": a} for q, a in zip(questions, answers)]})
+    assert body["rewards"] == pytest.approx(direct.json()["rewards"], abs=TOL)
     assert body["scores"] == pytest.approx(body["rewards"])
+    assert body["extra_logs"]["prefix_recovered"] == [0.0, 1.0]
     assert all(len(values) == 2 for values in body["extra_logs"].values())
     assert all(0.0 <= r <= 1.0 for r in body["rewards"])
+
+
+def test_an_item_past_the_context_is_refused_before_the_engine(live, default_engine):
+    """The real engine's context length sets the default item budget (SmolLM2: 8192 tokens)."""
+    long = "lorem ipsum dolor sit amet " * 1500  # ~40k characters: far past 8,192 tokens
+    response = live.post("/v1/judge/score", json={"items": [{"prompt": "Summarize.", "response": long[:32000]}]})
+    assert response.status_code == 413, response.text
+    assert f"max_item_tokens={default_engine.context_length}" in response.json()["message"]
 
 
 @pytest.mark.slow

@@ -59,21 +59,24 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_results_in_order():
     assert len(recorder.batches) == 1 and len(recorder.batches[0][1]) == 8  # all four requests coalesced
 
 
-def test_batches_never_exceed_max_batch_size_and_requests_are_not_split():
+def test_batches_never_exceed_max_batch_size_and_large_requests_are_split():
     recorder = Recorder()
 
     async def scenario():
         batcher = make(recorder, max_batch_size=5)
         await batcher.start()
-        sizes = [2, 2, 2, 7, 1]  # the 7-item request exceeds the batch size: it runs alone, whole
-        results = await asyncio.gather(*(batcher.submit("k", list(range(n))) for n in sizes))
+        sizes = [2, 2, 2, 7, 1]  # the 7-item request exceeds the batch size: it is split across batches
+        results = await asyncio.gather(*(batcher.submit("k", [100 * r + i for i in range(n)])
+                                         for r, n in enumerate(sizes)))
         await batcher.stop()
         return sizes, results
 
     sizes, results = run(scenario())
-    assert [len(r) for r in results] == sizes
-    # FIFO packing: [2+2] (a third 2 would exceed 5), [2] (the 7 does not fit beside it), [7] alone, [1]
-    assert [len(items) for _, items in recorder.batches] == [4, 2, 7, 1]
+    # every request gets its own results, in order, however its items were spread over batches
+    assert results == [[("k", (100 * r + i) * 10) for i in range(n)] for r, n in enumerate(sizes)]
+    # FIFO packing, filling each batch: [2+2+1 of the third], [its last 1 + 4 of the 7], [the 7's last 3 + 1]
+    assert [len(items) for _, items in recorder.batches] == [5, 5, 4]
+    assert recorder.batches[1][1] == [201, 300, 301, 302, 303]
 
 
 def test_requests_with_different_keys_are_never_mixed():
@@ -204,3 +207,94 @@ def test_stop_drains_queued_work_then_refuses_new_requests():
         return results
 
     assert run(scenario()) == [[("k", i * 10)] for i in range(3)]
+
+
+def test_batches_are_capped_by_tokens_as_well_as_items():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = make(recorder, max_batch_size=8, max_batch_tokens=100)
+        await batcher.start()
+        # (items, cost per item): 3 x 40 does not fit in 100 beside anything; a 150-cost item runs alone
+        requests = [([1, 2, 3], 40), ([4], 10), ([5], 150), ([6, 7], 30)]
+        results = await asyncio.gather(*(batcher.submit("k", items, costs=[cost] * len(items))
+                                         for items, cost in requests))
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert results == [[("k", 10), ("k", 20), ("k", 30)], [("k", 40)], [("k", 50)], [("k", 60), ("k", 70)]]
+    # [1, 2] = 80 (+3 would be 120); [3, 4] = 50 (+5 would be 200); [5] = 150 alone (over the cap, but one
+    # item always runs); [6, 7] = 60
+    assert [items for _, items in recorder.batches] == [[1, 2], [3, 4], [5], [6, 7]]
+
+
+def test_a_cancelled_request_leaves_the_queue_and_is_never_judged():
+    """What a client disconnect does: the HTTP handler awaiting `submit` is cancelled."""
+    recorder = Recorder()
+    recorder.gate.clear()
+
+    async def scenario():
+        batcher = make(recorder, max_wait_s=0.0, max_batch_size=2)
+        await batcher.start()
+        blocker = asyncio.create_task(batcher.submit("k", [1]))
+        while not recorder.started.is_set():
+            await asyncio.sleep(0.005)
+        gone = asyncio.create_task(batcher.submit("k", [50, 51, 52, 53]))  # would need two batches
+        kept = asyncio.create_task(batcher.submit("k", [7]))
+        await asyncio.sleep(0.05)
+        assert batcher.queue_depth == 5
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        depth = batcher.queue_depth
+        recorder.gate.set()
+        results = await asyncio.gather(blocker, kept)
+        await batcher.stop()
+        return depth, results
+
+    depth, results = run(scenario())
+    assert depth == 1 and results == [[("k", 10)], [("k", 70)]]
+    assert all(not {50, 51, 52, 53} & set(items) for _, items in recorder.batches)
+
+
+def test_a_split_request_that_fails_drops_its_remaining_items():
+    recorder = Recorder()
+    recorder.fail_if = lambda items: 13 in items
+
+    async def scenario():
+        batcher = make(recorder, max_wait_s=0.0, max_batch_size=2)
+        await batcher.start()
+        with pytest.raises(EngineFailed):
+            await batcher.submit("k", [13, 14, 15, 16, 17])  # fails in its first batch
+        depth = batcher.queue_depth
+        after = await batcher.submit("k", [1])
+        await batcher.stop()
+        return depth, after
+
+    depth, after = run(scenario())
+    assert depth == 0 and after == [("k", 10)]
+    assert [items for _, items in recorder.batches] == [[13, 14], [1]]  # 15..17 were never judged
+
+
+def test_wait_for_room_queues_when_capacity_returns_instead_of_429():
+    recorder = Recorder()
+    recorder.gate.clear()
+
+    async def scenario():
+        batcher = make(recorder, max_queue=2, max_wait_s=0.0, max_batch_size=2)
+        await batcher.start()
+        running = asyncio.create_task(batcher.submit("k", [1]))
+        while not recorder.started.is_set():
+            await asyncio.sleep(0.005)
+        filler = asyncio.create_task(batcher.submit("k", [2, 3]))  # the queue is full now
+        await asyncio.sleep(0.02)
+        with pytest.raises(QueueFull):
+            await batcher.submit("k", [4])
+        patient = asyncio.create_task(batcher.submit("k", [4, 5], wait_for_room=True, timeout=10))
+        with pytest.raises(RequestTimeout):  # waiting for room still honours the timeout
+            await batcher.submit("k", [9], wait_for_room=True, timeout=0.05)
+        recorder.gate.set()
+        return await asyncio.gather(running, filler, patient)
+
+    assert run(scenario()) == [[("k", 10)], [("k", 20), ("k", 30)], [("k", 40), ("k", 50)]]
+    assert all(9 not in items for _, items in recorder.batches)

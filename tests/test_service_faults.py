@@ -9,82 +9,25 @@ exercised in `test_service.py`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from service.app import create_app
-from service.protocol import ErrorResponse
 from service.settings import ServiceSettings
-from tests.fake_engines import POISON, DeterministicEngine, LengthRewardScorer, ServerThread
-
-SCORE_ITEM = {"prompt": "What is 2+2?", "response": "4"}
-PAIR_ITEM = {"prompt": "What is 2+2?", "response_a": "4", "response_b": "5"}
-
-
-@contextlib.contextmanager
-def serve(engine: DeterministicEngine | None = None, *, reward_model=None, **settings) -> Iterator[tuple[ServerThread, httpx.Client]]:
-    options = {"cache": False, "max_wait_ms": 5.0} | settings
-    app = create_app(ServiceSettings(**options), engine=engine or DeterministicEngine(), reward_model=reward_model)
-    with ServerThread(app, timeout_graceful_shutdown=10) as server, httpx.Client(base_url=server.url, timeout=30) as client:
-        yield server, client
-
+from tests.fake_engines import (PAIR_ITEM, POISON, SCORE_ITEM, DeterministicEngine, LengthRewardScorer, ServerThread,
+                                error_of, in_thread, metric, serve, wait_until)
 
 @pytest.fixture(scope="module")
 def limited():
     """One server with small limits shared by the table-driven bad-input tests."""
     engine = DeterministicEngine()
-    with serve(engine, max_items=4, max_queue=8, max_chars=100, max_body_bytes=4096) as (server, client):
+    with serve(engine, max_items=4, get_reward_max_items=6, max_queue=8, max_chars=100,
+               max_body_bytes=4096) as (server, client):
         yield client
-
-
-def error_of(response: httpx.Response) -> ErrorResponse:
-    assert response.headers["content-type"].startswith("application/json"), response.text
-    body = ErrorResponse.model_validate_json(response.content)
-    assert body.status == response.status_code
-    return body
-
-
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    """Value of one sample in /metrics (0 if absent)."""
-    text = client.get("/metrics").text
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        match = re.match(r"^([a-zA-Z_:]+)(\{(.*)\})? (\S+)$", line)
-        if match is None or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(3) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(4))
-    return 0.0
-
-
-def in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn(*args, **kwargs)
-        except Exception as exc:  # surfaced by the test's assertions
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -135,9 +78,9 @@ JSON_CASES = [
     ("/v1/rewards", {"items": [SCORE_ITEM], "mode": "reward_model"}, 422, "invalid_request",
      "--reward-model"),                                                                         # no RM served
     ("/get_reward", {"query": ["ab"], "prompts": ["a", "b"]}, 422, "invalid_request", "one prompt per query"),
-    ("/get_reward", {"query": ["hello"], "prompts": ["bye"]}, 422, "invalid_request", "[0]"),  # not a prefix
     ("/get_reward", {"query": ["hello"], "prompts": [""]}, 422, "invalid_request", "empty"),   # empty prompt
-    ("/get_reward", {"query": ["q"] * 5, "prompts": ["q"] * 5}, 413, "payload_too_large", "max_items=4"),
+    ("/get_reward", {"query": ["q"] * 7, "prompts": ["q"] * 7}, 413, "payload_too_large",
+     "get_reward_max_items=6"),                                                                 # its own, larger limit
 ]
 
 
@@ -346,7 +289,8 @@ def test_reward_model_routes():
         remote = client.post("/get_reward", json={"query": ["p" + "x" * 30], "prompts": ["p"]}).json()
         assert remote["rewards"] == [2.0]
         assert remote["scores"] == pytest.approx([1 / (1 + 2.718281828459045 ** -2.0)])
-        assert remote["extra_logs"] == {"reward_model_score": [2.0]}
+        assert remote["extra_logs"] == {"reward_model_score": [2.0], "prefix_mismatch": [0.0], "prefix_recovered": [0.0],
+                                        "template_stripped": [0.0]}
         assert client.get("/readyz").json()["reward_model"] is not None
 
 

@@ -4,6 +4,9 @@ The real `policy_training.reward_model.RewardModel` is built from the embedded m
 untrained scalar head is enough: the test checks plumbing and numbers, not quality), saved,
 then loaded by the service itself through `ServiceSettings.reward_model`, the same lazy path
 the CLI uses. Served rewards must equal in-process `RewardModel.score` to 1e-4.
+
+`RewardModel` is imported at the top, not behind a skip: if that import breaks, this file
+fails to collect, which is the failure a broken serving path should show.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 import httpx
 import pytest
 
+from policy_training.reward_model import RewardModel
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.fake_engines import DeterministicEngine, ServerThread
@@ -30,20 +34,16 @@ def test_service_modules_do_not_import_the_reward_model_unless_configured():
 
 @pytest.fixture(scope="module")
 def saved_reward_model(tmp_path_factory):
-    try:
-        from policy_training.reward_model import RewardModel
-    except ImportError:
-        pytest.skip("reward model module not available yet")
     directory = tmp_path_factory.mktemp("rm")
     RewardModel.from_base("default", max_length=256).save(directory)
-    return RewardModel, directory
+    return directory
 
 
 def test_served_reward_model_matches_in_process_scores(saved_reward_model):
-    reward_model_cls, directory = saved_reward_model
+    directory = saved_reward_model
     prompts = ["What is 2+2?", "Name a color."]
     responses = ["4", "Blue is a color."]
-    expected = reward_model_cls.load(directory).score(prompts, responses)
+    expected = RewardModel.load(directory).score(prompts, responses)
 
     # The judge engine is the deterministic one: only the reward-model path is under test here.
     app = create_app(ServiceSettings(cache=False, reward_model=directory), engine=DeterministicEngine())

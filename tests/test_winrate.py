@@ -17,9 +17,9 @@ from rlaif.cli import build_app
 def judgment(prob_a: float, preference: Preference, consistent: bool = True) -> PairwiseJudgment:
     return PairwiseJudgment(
         prob_a=prob_a, preference=preference, consistent=consistent, margin=abs(prob_a - 0.5) * 2,
-        per_order=[OrderJudgment(order="ab", prob_first=prob_a, prob_a=prob_a),
-                   OrderJudgment(order="ba", prob_first=1 - prob_a, prob_a=prob_a)],
-        rubric_id="helpfulness", rubric_version="1", engine="test", model="test", mode="logprob")
+        per_order=[OrderJudgment(order="ab", prob_first=prob_a, prob_a=prob_a, label_mass=0.9),
+                   OrderJudgment(order="ba", prob_first=1 - prob_a, prob_a=prob_a, label_mass=0.9)],
+        label_mass=0.9, rubric_id="helpfulness", rubric_version="1", engine="test", model="test", mode="logprob")
 
 
 def test_summary_counts_ties_as_half_and_reports_lengths():

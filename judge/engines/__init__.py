@@ -20,10 +20,12 @@ from judge.engines.base import Engine, EngineError, GenerationParams
 
 __all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "parse_engine_spec"]
 
-_INT_OPTIONS = {"max_batch_size", "max_batch_tokens", "tensor_parallel_size", "max_model_len", "prefix_cache_entries",
-                "max_retries", "concurrency"}
-_FLOAT_OPTIONS = {"gpu_memory_utilization", "timeout"}
+_INT_OPTIONS = {"max_batch_size", "max_batch_tokens", "max_wave_tokens", "tensor_parallel_size", "max_model_len",
+                "prefix_cache_entries", "max_retries", "concurrency", "top_logprobs", "batch_overhead_tokens", "seed"}
+_FLOAT_OPTIONS = {"gpu_memory_utilization", "timeout", "backoff_seconds"}
 _BOOL_OPTIONS = {"prefix_cache", "enable_prefix_caching"}
+_NOT_SPEC_OPTIONS = {"self", "model_path", "base_url", "model", "tokenizer_object", "api_key", "llm_kwargs"}
+"""Constructor arguments a spec cannot set (positional targets, objects, secrets: use api_key_env)."""
 
 
 def parse_engine_spec(spec: str) -> tuple[str, str, dict[str, object]]:
@@ -32,14 +34,17 @@ def parse_engine_spec(spec: str) -> tuple[str, str, dict[str, object]]:
     base, _, query = spec.partition("?")
     options: dict[str, object] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key in _INT_OPTIONS:
-            options[key] = int(value)
-        elif key in _FLOAT_OPTIONS:
-            options[key] = float(value)
-        elif key in _BOOL_OPTIONS:
-            options[key] = value.lower() in {"1", "true", "yes", "on"}
-        else:
-            options[key] = value
+        try:
+            if key in _INT_OPTIONS:
+                options[key] = int(value)
+            elif key in _FLOAT_OPTIONS:
+                options[key] = float(value)
+            elif key in _BOOL_OPTIONS:
+                options[key] = value.lower() in {"1", "true", "yes", "on"}
+            else:
+                options[key] = value
+        except ValueError:
+            raise ValueError(f"engine option {key}={value!r} in {spec!r} is not a number") from None
     if base == "default":
         return "default", "", options
     backend, sep, target = base.partition(":")
@@ -49,9 +54,46 @@ def parse_engine_spec(spec: str) -> tuple[str, str, dict[str, object]]:
     return backend, target, options
 
 
+def check_engine_options(backend: str, options: dict[str, object]) -> None:
+    """Refuse unknown options before anything loads, with the closest valid name.
+
+    Checked against the engine class's own constructor, so the list can never drift from the code."""
+    import difflib
+    import inspect
+
+    engine_class = _engine_class(backend)
+    parameters = inspect.signature(engine_class.__init__).parameters
+    accepted = sorted(name for name, p in parameters.items()
+                      if name not in _NOT_SPEC_OPTIONS and p.kind is not inspect.Parameter.VAR_KEYWORD
+                      and not (backend == "hf" and name in {"model", "tokenizer"}))
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # vLLM forwards unknown options to vllm.LLM, which validates them itself
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown engine option {key!r} for {backend} engines{hint} "
+                             f"(accepted: {', '.join(accepted)})")
+
+
+def _engine_class(backend: str) -> type:
+    if backend in {"default", "hf"}:
+        from judge.engines.hf import HFEngine
+
+        return HFEngine
+    if backend == "openai":
+        from judge.engines.openai import OpenAIEngine
+
+        return OpenAIEngine
+    from judge.engines.vllm import VLLMEngine
+
+    return VLLMEngine
+
+
 def build_engine(spec: str = "default") -> Engine:
     """Construct the engine a spec names. Heavy backends are imported only when used."""
     backend, target, options = parse_engine_spec(spec)
+    check_engine_options(backend, options)
     if backend == "default":
         from judge.engines.hf import HFEngine
         from judge.models import DEFAULT_MODEL_NAME, plain_checkpoint

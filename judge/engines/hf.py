@@ -1,35 +1,39 @@
 """`HFEngine`: judge and generate with a transformers causal LM on CPU or CUDA.
 
-What makes it fast and correct:
-- **Last-position logits only.** A label distribution needs one row of logits per prompt;
+What makes it fast, and why it stays exact:
+- **Exact labels.** `label_logprobs` returns log P(the reply is exactly the label) (the project's
+  one label semantics, `judge.engines.base`): the label's tokens, then a token that ends it,
+  read over the whole vocabulary (special tokens and tokens starting with a non-word character,
+  minus those that would continue into another label), so "10" never counts as "1".
+- **Last-position logits only.** Every query needs one row of next-token logits, so
   `logits_to_keep=1` skips the (vocab x seq) projection for every other position.
-- **Shared-prefix KV reuse, two levels.** Every judge prompt in a call starts with the same
-  chat header, system text and rubric head. That common token prefix is run once, its
-  keys/values are kept (a small LRU keyed by the token ids, so it also survives across
-  calls). On top of it, prompts that share a further stretch form *groups*: the two
-  presentation orders of a pair share the user request, several samples judged against one
-  prompt share it too, and a multi-token label query `prompt + "1"` shares the whole prompt
-  with `prompt`. Each group's shared stretch is run once (as a batch row of its own) and its
-  members only run what differs. Prompts are sorted lexicographically, so groups are runs of
-  neighbours; a prompt joins a group only if that saves tokens overall.
-- **Padding-aware batches.** Rows are sorted by the number of tokens they still have to run
-  and cut into batches by a small dynamic program that minimizes padded tokens plus a fixed
-  per-forward cost (`batch_overhead_tokens`; small on CPU, where a row of 100+ tokens
-  already keeps the matmuls busy and padding is pure waste; large on CUDA, where wide batches
-  pay). Rows are left-padded so the last column is every row's real last token. Padding sits
-  *between* the cached keys/values and the new tokens (and between the shared prefix and a
-  group's stretch); the attention mask hides it and explicit `position_ids` continue each
-  row's own positions, so every row sees exactly what it would see alone. Batched results
-  therefore equal unbatched ones (tested to 1e-4). Masks come from lengths, never from
-  `ids != pad_id` (SmolLM2's pad token is its EOS, which also occurs inside chat prompts).
-- **oneDNN linear layers on CPU.** PyTorch's default fp32 GEMM (MKL) runs its AVX2 code path
-  on AMD CPUs; oneDNN's AVX-512 kernels with weights pre-packed once are about 2x faster on
-  the same fp32 math (agreement ~1e-6). The engine swaps the decoder's `nn.Linear` modules
-  for packed ones only on CPU/fp32 models it loaded itself (never on a model passed in, which
-  may be trained elsewhere), after checking the result against `F.linear` on the real weights;
-  `cpu_kernels="torch"` turns it off.
-- **Multi-token labels** ("10" is two tokens for many tokenizers) are scored as the sum of
-  their token log-probs: extra last-position queries `prompt + label[:j]` read `label[j]`.
+- **Radix-tree prefix sharing.** A judge call asks for the next-token distribution after many
+  token sequences that share long prefixes: the rubric head (all of them), the user request (both
+  presentation orders of a pair, every sample judged against one prompt), the whole prompt (its
+  label queries `prompt + "A"`, `prompt + "1"`, `prompt + "10"`). The sequences are arranged in a
+  radix tree and every tree node's tokens are run exactly once, on top of its ancestors' cached
+  keys/values. Rows of one forward pass are laid out `[prefix][pad][ancestors][pad][own tokens]`:
+  the mask hides the padding and explicit `position_ids` continue each row's own positions, so
+  every row computes what it would compute alone. The common prefix of a call is kept in a
+  small LRU across calls (the rubric head of the next request is free).
+- **Only where that is provably exact.** Padding *inside* the cache and explicit positions are
+  exact for full causal attention with positions driven by `position_ids`; a sliding window is
+  applied by cache index, so padding shifts it. `judge.engines.exactness.prefix_sharing_support`
+  decides per model (allowlisted architectures + config checks); sliding-window models share
+  only calls whose padded rows fit inside the window; everything else runs plain left-padded
+  batches (exact for any causal LM: padding precedes each row's tokens). `engine.sharing` says
+  which rule applies and `engine.stats` counts which path each call took and the tokens it ran.
+- **Padding-aware batches.** Rows are sorted by the tokens they run and cut into batches by a
+  small dynamic program minimizing padded tokens plus a per-forward cost (`batch_overhead_tokens`:
+  small on CPU, large on CUDA). Subtrees are processed depth-first in waves of at most
+  `max_wave_tokens` tokens, which bounds the keys/values held at once.
+- **oneDNN linear layers on CPU** for models the engine loaded itself (`judge.cpu_kernels`).
+- Masks come from lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS, which also
+  occurs inside chat prompts).
+
+Identity (`engine_id`): a content fingerprint of the model files (or of the weights of a model
+object handed in), dtype and device class, so two checkpoints in folders of the same name never
+share cache entries.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -48,26 +53,44 @@ from judge.cpu_kernels import use_onednn_linears
 from judge.engines.base import (
     EngineError,
     GenerationParams,
+    check_labels,
     encode_chat_prompt,
     encode_label_ids,
-    normalize_log_probs,
+    ending_token_mask,
+    tokenizer_special_tokens,
+    vocab_following_texts,
 )
-from judge.models import load_causal_lm
+from judge.engines.exactness import SharingSupport, prefix_sharing_support
+from judge.models import load_causal_lm, model_fingerprint, module_fingerprint
 from judge.types import ChatPrompt
 
 logger = logging.getLogger(__name__)
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
-"""Keys and values of every layer for one row: [(K, V)] with K, V of shape (1, H_kv, T, D)."""
+"""Keys and values of every layer for one tree node: [(K, V)] with K, V of shape (1, H_kv, T, D)."""
 
 CpuKernels = Literal["auto", "onednn", "torch"]
 
-_MIN_SHARED_TOKENS = 8
-"""Shorter shared stretches are not worth a separate KV (prefix or group)."""
-_WAVE_ROWS_PER_BATCH = 4
-"""A wave (groups processed together) holds up to this many batches' worth of rows."""
-_WAVE_SHARED_TOKENS = 4096
-"""...and at most this many group-shared tokens, which bounds the group KVs held at once."""
+_MIN_PREFIX_TOKENS = 8
+"""A shorter common prefix is not worth a cached KV entry."""
+
+
+@dataclass
+class EngineStats:
+    """Counters of what the engine ran, so tests and benchmarks can see that sharing happened."""
+
+    forward_passes: int = 0
+    tokens_requested: int = 0
+    """Sum of the lengths of the sequences whose next-token distribution was asked for."""
+    tokens_computed: int = 0
+    """Tokens actually run through the model (padding and cached prefixes excluded)."""
+    shared_calls: int = 0
+    plain_calls: int = 0
+    prefix_cache_hits: int = 0
+
+    def reset(self) -> None:
+        for item in fields(self):
+            setattr(self, item.name, 0)
 
 
 class HFEngine:
@@ -75,17 +98,23 @@ class HFEngine:
 
     def __init__(self, model_path: str | Path, *, name: str | None = None, gguf_file: str | None = None,
                  device: str = "cpu", dtype: str = "auto", max_batch_size: int = 16,
-                 max_batch_tokens: int = 16384, prefix_cache: bool = True, prefix_cache_entries: int = 4,
-                 batch_overhead_tokens: int | None = None, cpu_kernels: CpuKernels = "auto",
-                 model=None, tokenizer=None) -> None:
+                 max_batch_tokens: int = 16384, max_wave_tokens: int = 16384, prefix_cache: bool = True,
+                 prefix_cache_entries: int = 4, batch_overhead_tokens: int | None = None,
+                 cpu_kernels: CpuKernels = "auto", model=None, tokenizer=None) -> None:
+        if cpu_kernels not in ("auto", "onednn", "torch"):
+            raise ValueError(f"cpu_kernels must be 'auto', 'onednn' or 'torch', got {cpu_kernels!r}")
         owns_model = model is None or tokenizer is None
         if owns_model:
             model, tokenizer = load_causal_lm(model_path, dtype=dtype, device=device, gguf_file=gguf_file)
+            fingerprint = model_fingerprint(model_path, gguf_file=gguf_file)
+        else:
+            fingerprint = module_fingerprint(model, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch_size = int(max_batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
+        self.max_wave_tokens = int(max_wave_tokens)
         self.prefix_cache = prefix_cache
         if batch_overhead_tokens is None:
             batch_overhead_tokens = 32 if self.device.type == "cpu" else 2048
@@ -95,22 +124,46 @@ class HFEngine:
         self._lock = threading.Lock()
         self._name = name or Path(str(model_path)).name
         self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self._fingerprint = fingerprint
         if tokenizer.chat_template is None:
             raise EngineError(f"{self._name}: the tokenizer has no chat template; judges need a chat/instruct model")
-        if cpu_kernels not in ("auto", "onednn", "torch"):
-            raise ValueError(f"cpu_kernels must be 'auto', 'onednn' or 'torch', got {cpu_kernels!r}")
+        self.sharing: SharingSupport = prefix_sharing_support(model)
+        logger.info("%s: prefix sharing %s (%s)", self._name,
+                    "on" if self.sharing.exact else f"within {self.sharing.window} tokens" if self.sharing.window
+                    else "off", self.sharing.reason)
+        self.stats = EngineStats()
+        self._special_tokens = tokenizer_special_tokens(tokenizer)
+        self._following: tuple[list[str], np.ndarray] | None = None
+        self._ending_masks: dict[tuple[str, ...], list[torch.Tensor]] = {}
         self.cpu_kernels_in_use = "torch"
         if cpu_kernels == "onednn" or (cpu_kernels == "auto" and owns_model):
             if use_onednn_linears(model, self.device):
                 self.cpu_kernels_in_use = "onednn"
 
+    # ------------------------------------------------------------------ identity and budgets
     @property
     def engine_id(self) -> str:
-        return f"hf:{self._name}@{self._dtype}"
+        return f"hf:{self._name}@{self._dtype}/{self.device.type}#{self._fingerprint}"
 
     @property
     def model_name(self) -> str:
         return self._name
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        for attribute in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(config, attribute, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return self._special_tokens
+
+    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
+        return [len(self.encode_prompt(p)) for p in prompts]
 
     # ------------------------------------------------------------------ tokenization
     def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
@@ -119,123 +172,191 @@ class HFEngine:
     def encode_label(self, label: str) -> list[int]:
         return encode_label_ids(self.tokenizer, label)
 
-    # ------------------------------------------------------------------ label_probs
-    def label_probs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
+    # ------------------------------------------------------------------ labels
+    def label_logprobs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
         if not prompts:
             return np.zeros((0, len(labels)))
         prompt_ids = [tuple(self.encode_prompt(p)) for p in prompts]
-        return self.label_probs_from_ids(prompt_ids, labels)
+        return self.label_logprobs_from_ids(prompt_ids, labels)
 
-    def label_probs_from_ids(self, prompt_ids: Sequence[tuple[int, ...]], labels: Sequence[str]) -> np.ndarray:
-        """Same as `label_probs` for already tokenized prompts. (N, L)."""
-        label_ids = [self.encode_label(label) for label in labels]
-        # Every (prompt, label, token j) needs log P(label[j] | prompt + label[:j]) at a last position.
+    def label_logprobs_from_ids(self, prompt_ids: Sequence[tuple[int, ...]], labels: Sequence[str]) -> np.ndarray:
+        """`label_logprobs` for already tokenized prompts. (N, L) log P(reply is exactly label)."""
+        targets = check_labels(labels)
+        label_ids = [tuple(self.encode_label(label)) for label in targets]
+        ending = self._ending_masks_for(tuple(targets))  # per label: (V,) bool mask of tokens that end it
+        # Every (prompt, label, j <= len(label)) needs the next-token distribution after prompt + label[:j]:
+        # j < len reads label[j]; j == len reads the mass of tokens that end the label.
         queries: dict[tuple[int, ...], int] = {}
         for ids in prompt_ids:
             for tokens in label_ids:
+                for j in range(len(tokens) + 1):
+                    queries.setdefault(ids + tokens[:j], len(queries))
+        reads: list[dict[int, float]] = [{} for _ in queries]  # per query: token id -> log-prob
+        ends: dict[tuple[int, int], float] = {}  # (query, label) -> log P(next token ends the label)
+        label_of_full: dict[int, list[int]] = {}
+        for ids in prompt_ids:
+            for k, tokens in enumerate(label_ids):
+                label_of_full.setdefault(queries[ids + tokens], []).append(k)
+        token_reads: dict[int, set[int]] = {}
+        for ids in prompt_ids:
+            for tokens in label_ids:
                 for j in range(len(tokens)):
-                    queries.setdefault(ids + tuple(tokens[:j]), len(queries))
+                    token_reads.setdefault(queries[ids + tokens[:j]], set()).add(tokens[j])
+
+        def consume(query_indices: list[int], log_probs: torch.Tensor) -> None:
+            for row, q in enumerate(query_indices):
+                for token in token_reads.get(q, ()):
+                    reads[q][token] = float(log_probs[row, token])
+                for k in label_of_full.get(q, ()):
+                    ends[(q, k)] = float(torch.logsumexp(log_probs[row][ending[k]], dim=0))
+
         with self._lock:
-            log_probs = self._last_token_log_probs(list(queries))  # (Q, V)
-        scores = np.zeros((len(prompt_ids), len(labels)), dtype=np.float64)
+            self._evaluate(list(queries), consume)
+        scores = np.zeros((len(prompt_ids), len(label_ids)), dtype=np.float64)
         for i, ids in enumerate(prompt_ids):
             for k, tokens in enumerate(label_ids):
-                scores[i, k] = sum(float(log_probs[queries[ids + tuple(tokens[:j])], tokens[j]]) for j in range(len(tokens)))
-        return normalize_log_probs(scores)
+                total = sum(reads[queries[ids + tokens[:j]]][tokens[j]] for j in range(len(tokens)))
+                scores[i, k] = total + ends[(queries[ids + tokens], k)]
+        return scores
+
+    def _ending_masks_for(self, labels: tuple[str, ...]) -> list[torch.Tensor]:
+        """(V,) bool masks of the tokens that end each label, built once per label set."""
+        masks = self._ending_masks.get(labels)
+        if masks is None:
+            if self._following is None:
+                self._following = vocab_following_texts(self.tokenizer)
+            texts, special = self._following
+            vocab = self._vocab_size()
+            masks = []
+            for label in labels:
+                mask = np.zeros(vocab, dtype=bool)
+                found = ending_token_mask(label, labels, texts, special)
+                mask[:min(vocab, len(found))] = found[:vocab]
+                masks.append(torch.from_numpy(mask))
+            self._ending_masks[labels] = masks
+        return masks
+
+    # ------------------------------------------------------------------ next-token distributions
+    @torch.inference_mode()
+    def next_token_logprobs(self, sequences: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each token sequence. (Q, V) float32 on CPU."""
+        unique = list(dict.fromkeys(tuple(s) for s in sequences))
+        out = torch.empty((len(unique), self._vocab_size()), dtype=torch.float32)
+
+        def consume(query_indices: list[int], log_probs: torch.Tensor) -> None:
+            out[query_indices] = log_probs
+
+        with self._lock:
+            self._evaluate(unique, consume)
+        index = {s: i for i, s in enumerate(unique)}
+        return out[[index[tuple(s)] for s in sequences]]
 
     @torch.inference_mode()
-    def _last_token_log_probs(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
-        """Log-softmax of the next-token logits after each sequence. (Q, V) float32 on CPU."""
-        if not self.prefix_cache:
-            log_probs, _ = self._run_rows(list(sequences), [None] * len(sequences), None, 0, keep_kv=False)
-            return log_probs
-        prefix = _common_prefix(sequences)
-        # Leave at least one token of every sequence to run, so each row has a last position.
-        prefix = prefix[: min(len(s) for s in sequences) - 1]
-        prefix_kv = self._prefix_kv_for(prefix) if len(prefix) >= _MIN_SHARED_TOKENS else None
-        start = len(prefix) if prefix_kv is not None else 0
-        out = torch.empty((len(sequences), self._vocab_size()), dtype=torch.float32)
-        for wave in self._waves(_share_groups(sequences, start, _MIN_SHARED_TOKENS), start):
-            # Stage 1: run each multi-member group's shared stretch once and keep its KV.
-            shared = [(members, end) for members, end in wave if len(members) > 1]
-            stretches = [sequences[members[0]][start:end] for members, end in shared]
-            _, group_kv = self._run_rows(stretches, [None] * len(stretches), prefix_kv, start, keep_kv=True)
-            # Stage 2: every member runs only what follows its group's stretch.
-            kv_iter = iter(group_kv or [])
-            rows: list[tuple[int, ...]] = []
-            middles: list[LayerKV | None] = []
-            owners: list[int] = []
-            for members, end in wave:
-                kv = next(kv_iter) if len(members) > 1 else None
-                for i in members:
-                    rows.append(sequences[i][end:])
-                    middles.append(kv)
-                    owners.append(i)
-            log_probs, _ = self._run_rows(rows, middles, prefix_kv, start, keep_kv=False)
-            out[owners] = log_probs
-        return out
+    def _evaluate(self, sequences: list[tuple[int, ...]], consume: Callable[[list[int], torch.Tensor], None]) -> None:
+        """Run the model for the next-token distribution after each (distinct, non-empty) sequence.
 
-    def _waves(self, groups: list[tuple[list[int], int]], start: int) -> Iterator[list[tuple[list[int], int]]]:
-        """Chunks of groups, so the group KVs held at once stay bounded."""
-        wave: list[tuple[list[int], int]] = []
-        rows = shared_tokens = 0
-        for members, end in groups:
-            wave.append((members, end))
-            rows += len(members)
-            shared_tokens += end - start
-            if rows >= _WAVE_ROWS_PER_BATCH * self.max_batch_size or shared_tokens >= _WAVE_SHARED_TOKENS:
-                yield wave
-                wave, rows, shared_tokens = [], 0, 0
-        if wave:
-            yield wave
+        `consume(query indices, log_probs (R, V))` is called once per forward pass with that pass's rows,
+        so callers keep only what they need instead of (Q, V) for every query."""
+        if any(len(s) == 0 for s in sequences):
+            raise EngineError("cannot score an empty token sequence")
+        self.stats.tokens_requested += sum(len(s) for s in sequences)
+        root = _build_radix_tree(sequences)
+        if self.prefix_cache and self._sharing_allowed(root):
+            self.stats.shared_calls += 1
+            self._evaluate_tree(root, sequences, consume)
+        else:
+            self.stats.plain_calls += 1
+            self._evaluate_plain(sequences, consume)
 
-    def _run_rows(self, rows: list[tuple[int, ...]], middles: list[LayerKV | None], prefix_kv: LayerKV | None,
-                  prefix_len: int, *, keep_kv: bool) -> tuple[torch.Tensor, list[LayerKV] | None]:
-        """Run `rows` on top of the shared prefix (+ each row's own middle KV) in planned batches.
+    def _sharing_allowed(self, root: _Node) -> bool:
+        if self.sharing.exact:
+            return True
+        if self.sharing.window is None:
+            return False
+        # Widest padded row any forward can have: deepest ancestor chain (prefix included) + widest node.
+        nodes = list(_walk(root))[1:]
+        return self.sharing.allows(max(node.start for node in nodes) + max(node.end - node.start for node in nodes))
 
-        Returns the last-position log-probs (R, V) and, with `keep_kv`, each row's new KV.
-        """
-        if not rows:
-            return torch.empty((0, self._vocab_size())), ([] if keep_kv else None)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        widths = [len(rows[i]) for i in order]
-        log_probs = torch.empty((len(rows), self._vocab_size()), dtype=torch.float32)
-        kvs: list[LayerKV | None] = [None] * len(rows)
-        for begin, end in _plan_batches(widths, self.max_batch_size, self.max_batch_tokens, self.batch_overhead_tokens):
+    def _evaluate_plain(self, sequences: list[tuple[int, ...]], consume: Callable[[list[int], torch.Tensor], None]) -> None:
+        """Each sequence on its own row, left-padded: exact for every causal LM."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        widths = [len(sequences[i]) for i in order]
+        rows_per_batch = self.max_batch_size if self.sharing.batch_invariant else 1
+        for begin, end in _plan_batches(widths, rows_per_batch, self.max_batch_tokens, self.batch_overhead_tokens):
             batch = order[begin:end]
-            rows_lp, rows_kv = self._forward([rows[i] for i in batch], [middles[i] for i in batch],
-                                             prefix_kv, prefix_len, keep_kv)
-            log_probs[batch] = rows_lp
-            if rows_kv is not None:
-                for i, kv in zip(batch, rows_kv):
-                    kvs[i] = kv
-        return log_probs, (kvs if keep_kv else None)  # type: ignore[return-value]
+            rows = [_Row(tokens=sequences[i], start=0, chain=()) for i in batch]
+            log_probs, _ = self._forward(rows, None, keep_kv=False)
+            consume(batch, log_probs)
 
-    def _forward(self, rows: list[tuple[int, ...]], middles: list[LayerKV | None], prefix_kv: LayerKV | None,
-                 prefix_len: int, keep_kv: bool) -> tuple[torch.Tensor, list[LayerKV] | None]:
-        """One forward pass. Row layout: [prefix][pad][own middle][pad][own tokens]. (B, V) log-probs."""
+    def _evaluate_tree(self, root: _Node, sequences: list[tuple[int, ...]],
+                       consume: Callable[[list[int], torch.Tensor], None]) -> None:
+        """Run every radix-tree node once on top of its ancestors' KV; see the module docstring."""
+        prefix_node = _split_shared_prefix(root)
+        prefix_kv: LayerKV | None = None
+        prefix_len = 0
+        if prefix_node is not None and prefix_node.end >= _MIN_PREFIX_TOKENS:
+            prefix_len = prefix_node.end
+            prefix_kv = self._prefix_kv_for(sequences[prefix_node.rep][:prefix_len])
+            ready = list(prefix_node.children)
+        else:
+            ready = list(root.children)
+        _count_pending(root)
+        stack: list[list[_Node]] = [ready]
+        while stack:
+            group = stack.pop()
+            wave, rest = _take_wave(group, self.max_wave_tokens)
+            if rest:
+                stack.append(rest)
+            self._run_nodes(wave, sequences, prefix_kv, prefix_len, consume)
+            children = [child for node in wave for child in node.children]
+            if children:
+                stack.append(children)
+
+    def _run_nodes(self, nodes: list[_Node], sequences: list[tuple[int, ...]], prefix_kv: LayerKV | None,
+                   prefix_len: int, consume: Callable[[list[int], torch.Tensor], None]) -> None:
+        order = sorted(range(len(nodes)), key=lambda i: nodes[i].end - nodes[i].start)
+        widths = [nodes[i].end - nodes[i].start for i in order]
+        for begin, end in _plan_batches(widths, self.max_batch_size, self.max_batch_tokens, self.batch_overhead_tokens):
+            batch = [nodes[i] for i in order[begin:end]]
+            rows = [_Row(tokens=sequences[node.rep][node.start:node.end], start=node.start, chain=_chain(node, prefix_len))
+                    for node in batch]
+            keep = any(node.children for node in batch)
+            log_probs, kvs = self._forward(rows, prefix_kv, keep_kv=keep, prefix_len=prefix_len)
+            with_queries = [row for row, node in enumerate(batch) if node.queries]
+            if with_queries:
+                consume([q for row in with_queries for q in batch[row].queries],
+                        log_probs[[row for row in with_queries for _ in batch[row].queries]])
+            for row, node in enumerate(batch):
+                if node.children:
+                    assert kvs is not None
+                    node.kv = kvs[row]
+                _finished(node)
+
+    def _forward(self, rows: list[_Row], prefix_kv: LayerKV | None, *, keep_kv: bool,
+                 prefix_len: int = 0) -> tuple[torch.Tensor, list[LayerKV] | None]:
+        """One forward pass over rows laid out [prefix][pad][ancestor chain][pad][own tokens]. (B, V) log-probs."""
         from transformers import DynamicCache
 
-        batch_size, width = len(rows), max(len(r) for r in rows)
-        middle_lens = [0 if m is None else m[0][0].shape[2] for m in middles]
-        middle_width = max(middle_lens)
+        batch_size, width = len(rows), max(len(r.tokens) for r in rows)
+        chain_lens = [row.start - prefix_len for row in rows]
+        chain_width = max(chain_lens)
         pad_id = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
         token_mask = torch.zeros((batch_size, width), dtype=torch.long)
-        middle_mask = torch.zeros((batch_size, middle_width), dtype=torch.long)
-        for row, (ids, middle_len) in enumerate(zip(rows, middle_lens)):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            token_mask[row, width - len(ids):] = 1
-            middle_mask[row, middle_width - middle_len:] = 1
-        # Each row's positions continue from its own prefix + middle and skip padding. (B, W)
-        offsets = torch.tensor(middle_lens, dtype=torch.long).unsqueeze(1) + prefix_len
-        position_ids = torch.maximum(offsets + token_mask.cumsum(dim=1) - 1, offsets)
-        attention_mask = torch.cat([torch.ones((batch_size, prefix_len if prefix_kv is not None else 0),
-                                               dtype=torch.long), middle_mask, token_mask], dim=1)
+        chain_mask = torch.zeros((batch_size, chain_width), dtype=torch.long)
+        position_ids = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.tokens)
+            input_ids[i, width - n:] = torch.tensor(row.tokens)
+            token_mask[i, width - n:] = 1
+            chain_mask[i, chain_width - chain_lens[i]:] = 1
+            position_ids[i, :] = row.start  # padding positions: any valid index, they are masked
+            position_ids[i, width - n:] = torch.arange(row.start, row.start + n)
+        attention_mask = torch.cat([torch.ones((batch_size, prefix_len if prefix_kv is not None else 0), dtype=torch.long),
+                                    chain_mask, token_mask], dim=1)
         cache = None
-        if prefix_kv is not None or middle_width > 0:
-            cache = DynamicCache(ddp_cache_data=self._past_kv(prefix_kv, middles, middle_width, batch_size),
-                                 config=self.model.config)
+        if prefix_kv is not None or chain_width > 0:
+            cache = DynamicCache(ddp_cache_data=self._past_kv(prefix_kv, rows, chain_width), config=self.model.config)
         elif keep_kv:
             cache = DynamicCache(config=self.model.config)
         try:
@@ -244,33 +365,38 @@ class HFEngine:
                                  use_cache=cache is not None, logits_to_keep=1)
         except torch.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU to hit
             raise EngineError(f"out of memory on a batch of {batch_size}x{width}: lower max_batch_size") from exc
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += sum(len(r.tokens) for r in rows)
         log_probs = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1).cpu()  # (B, V)
         if not keep_kv:
             return log_probs, None
         layers = outputs.past_key_values.layers
-        kept = [[(layer.keys[row:row + 1, :, -len(ids):, :].clone(), layer.values[row:row + 1, :, -len(ids):, :].clone())
-                 for layer in layers] for row, ids in enumerate(rows)]
+        kept = [[(layer.keys[i:i + 1, :, -len(row.tokens):, :].clone(), layer.values[i:i + 1, :, -len(row.tokens):, :].clone())
+                 for layer in layers] for i, row in enumerate(rows)]
         return log_probs, kept
 
-    def _past_kv(self, prefix_kv: LayerKV | None, middles: list[LayerKV | None], middle_width: int,
-                 batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (B, H, prefix + middle_width, D): the shared prefix, then each row's left-padded middle."""
-        n_layers = len(prefix_kv) if prefix_kv is not None else len(next(m for m in middles if m is not None))
+    def _past_kv(self, prefix_kv: LayerKV | None, rows: list[_Row],
+                 chain_width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (B, H, prefix + chain_width, D): the shared prefix, then each row's left-padded ancestor chain."""
+        like = prefix_kv if prefix_kv is not None else next(node.kv for row in rows for node in row.chain if node.kv)
+        assert like is not None
         past = []
-        for layer in range(n_layers):
+        for layer in range(len(like)):
             tensors = []
             for which in (0, 1):  # keys, values
                 parts = []
                 if prefix_kv is not None:
-                    shared = prefix_kv[layer][which]
-                    parts.append(shared.expand(batch_size, -1, -1, -1))
-                if middle_width > 0:
-                    like = next(m for m in middles if m is not None)[layer][which]
-                    padded = like.new_zeros((batch_size, like.shape[1], middle_width, like.shape[3]))
-                    for row, middle in enumerate(middles):
-                        if middle is not None:
-                            own = middle[layer][which]
-                            padded[row, :, middle_width - own.shape[2]:, :] = own[0]
+                    parts.append(prefix_kv[layer][which].expand(len(rows), -1, -1, -1))
+                if chain_width > 0:
+                    sample = like[layer][which]
+                    padded = sample.new_zeros((len(rows), sample.shape[1], chain_width, sample.shape[3]))
+                    for i, row in enumerate(rows):
+                        position = chain_width - sum(node.end - node.start for node in row.chain)
+                        for node in row.chain:
+                            assert node.kv is not None, "an ancestor's KV was freed before its descendants ran"
+                            own = node.kv[layer][which]
+                            padded[i, :, position:position + own.shape[2], :] = own[0]
+                            position += own.shape[2]
                     parts.append(padded)
                 tensors.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
             past.append((tensors[0], tensors[1]))
@@ -281,9 +407,12 @@ class HFEngine:
         cached = self._prefix_kv.get(prefix)
         if cached is not None:
             self._prefix_kv.move_to_end(prefix)
+            self.stats.prefix_cache_hits += 1
             return cached
         ids = torch.tensor([prefix], device=self.device)
         outputs = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += len(prefix)
         kv = [(layer.keys, layer.values) for layer in outputs.past_key_values.layers]
         self._prefix_kv[prefix] = kv
         while len(self._prefix_kv) > self._prefix_entries:
@@ -333,6 +462,119 @@ class HFEngine:
         return [_cut_at_stop(text, params.stop).strip() for text in texts]
 
 
+# ---------------------------------------------------------------------------------- radix tree
+@dataclass(eq=False)
+class _Node:
+    """Tokens [start, end) of sequence `rep`, shared by every sequence in this subtree."""
+
+    start: int
+    end: int
+    rep: int
+    parent: _Node | None = None
+    children: list[_Node] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    """Sequences that end exactly here (their next-token distribution is this node's last position)."""
+    kv: LayerKV | None = None
+    pending: int = 0
+    """Nodes of this subtree (itself included) that have not run yet; its KV is freed at 0."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    tokens: tuple[int, ...]
+    start: int
+    chain: tuple[_Node, ...]
+
+
+def _build_radix_tree(sequences: Sequence[tuple[int, ...]]) -> _Node:
+    """Compressed trie of distinct sequences, from their sorted order and neighbours' common prefixes."""
+    root = _Node(start=0, end=0, rep=0)
+    stack = [root]
+    previous: tuple[int, ...] | None = None
+    for index in sorted(range(len(sequences)), key=lambda i: sequences[i]):
+        sequence = sequences[index]
+        shared = _lcp_len(previous, sequence) if previous is not None else 0
+        popped: _Node | None = None
+        while stack[-1].end > shared:
+            popped = stack.pop()
+        top = stack[-1]
+        if top.end < shared:  # split the popped node at `shared`
+            assert popped is not None
+            middle = _Node(start=top.end, end=shared, rep=popped.rep, parent=top)
+            top.children[top.children.index(popped)] = middle
+            popped.start, popped.parent = shared, middle
+            middle.children.append(popped)
+            stack.append(middle)
+            top = middle
+        if len(sequence) == top.end:  # a duplicate of the node's path
+            top.queries.append(index)
+            previous = sequence
+            continue
+        leaf = _Node(start=top.end, end=len(sequence), rep=index, parent=top, queries=[index])
+        top.children.append(leaf)
+        stack.append(leaf)
+        previous = sequence
+    return root
+
+
+def _walk(node: _Node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def _split_shared_prefix(root: _Node) -> _Node | None:
+    """The node holding the common prefix of every sequence, without queries (split off if needed)."""
+    if len(root.children) != 1:
+        return None
+    node = root.children[0]
+    if not node.queries:
+        return node
+    if node.end - node.start <= 1:
+        return None
+    # Some sequence *is* the common prefix: keep its last token out of the cached prefix.
+    head = _Node(start=0, end=node.end - 1, rep=node.rep, parent=root)
+    root.children = [head]
+    node.start, node.parent = node.end - 1, head
+    head.children.append(node)
+    return head
+
+
+def _count_pending(root: _Node) -> int:
+    root.pending = 1 + sum(_count_pending(child) for child in root.children)
+    return root.pending
+
+
+def _finished(node: _Node) -> None:
+    """Mark `node` as run; free every ancestor's KV whose whole subtree has now run."""
+    current: _Node | None = node
+    while current is not None:
+        current.pending -= 1
+        if current.pending == 0:
+            current.kv = None
+        current = current.parent
+
+
+def _chain(node: _Node, prefix_len: int) -> tuple[_Node, ...]:
+    """Ancestors of `node` between the cached prefix and the node itself, top-down."""
+    chain = []
+    current = node.parent
+    while current is not None and current.end > prefix_len:
+        chain.append(current)
+        current = current.parent
+    return tuple(reversed(chain))
+
+
+def _take_wave(group: list[_Node], max_tokens: int) -> tuple[list[_Node], list[_Node]]:
+    """Split sibling-level nodes into a wave of at most `max_tokens` tokens (at least one node) and the rest."""
+    taken = 0
+    for count, node in enumerate(group, start=1):
+        taken += node.end - node.start
+        if taken >= max_tokens:
+            return group[:count], group[count:]
+    return group, []
+
+
 # ---------------------------------------------------------------------------------- planning helpers
 def _plan_batches(widths: Sequence[int], max_batch_size: int, max_batch_tokens: int,
                   overhead_tokens: int) -> list[tuple[int, int]]:
@@ -360,31 +602,6 @@ def _plan_batches(widths: Sequence[int], max_batch_size: int, max_batch_tokens: 
     return spans[::-1]
 
 
-def _share_groups(sequences: Sequence[tuple[int, ...]], start: int, min_shared: int) -> list[tuple[list[int], int]]:
-    """Group sequences that share tokens beyond `start`: [(member indices, end of shared stretch)].
-
-    Sequences are visited in lexicographic order, so a group's shared stretch is the common
-    prefix of its first and last member. A sequence joins the current group only if the tokens
-    saved grow ((m - 1) * stretch for m members); the stretch always leaves each member at least
-    one token to run. Singletons get `end = start` (nothing shared beyond the prefix).
-    """
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
-    groups: list[tuple[list[int], int]] = []
-    members = [order[0]]
-    end = len(sequences[order[0]]) - 1
-    for i in order[1:]:
-        candidate = min(end, _lcp_len(sequences[members[0]], sequences[i]), len(sequences[i]) - 1)
-        saved_now = (len(members) - 1) * (end - start)
-        if candidate - start >= min_shared and len(members) * (candidate - start) >= saved_now:
-            members.append(i)
-            end = candidate
-        else:
-            groups.append((members, end if len(members) > 1 else start))
-            members, end = [i], len(sequences[i]) - 1
-    groups.append((members, end if len(members) > 1 else start))
-    return groups
-
-
 def _lcp_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Length of the common prefix, by binary search over slice equality (done in C)."""
     low, high = 0, min(len(a), len(b))
@@ -404,11 +621,3 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
         if index != -1:
             cut = min(cut, index)
     return text[:cut]
-
-
-def _common_prefix(sequences: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    first, last = min(sequences), max(sequences)  # the LCP of a set is the LCP of its lexicographic extremes
-    return first[:_lcp_len(first, last)]
-
-
-# ---------------------------------------------------------------------------------- oneDNN linears

@@ -1,26 +1,25 @@
 """`VLLMEngine`: judge and generate with in-process vLLM (GPU), with prefix caching.
 
-**Untested here.** vLLM needs CUDA and cannot be installed on the CPU machines this project
-is developed and tested on; this module is written against vLLM's documented offline API
-(`vllm.LLM`, `SamplingParams`, `vllm.inputs.TokensPrompt`, `RequestOutput.outputs[i].logprobs`
-and `RequestOutput.prompt_logprobs`) and only its missing-dependency error is tested. The
-same judges run on CPU through `HFEngine`, or against `vllm serve` through `OpenAIEngine`,
-which is tested against a real llama.cpp server.
+**Not run on real vLLM here.** vLLM needs CUDA and cannot be installed on the CPU machines this
+project is developed and tested on. This module is written against vLLM's documented offline API
+(`vllm.LLM`, `SamplingParams(max_tokens, temperature, logprobs)`, `vllm.inputs.TokensPrompt`,
+`RequestOutput.outputs[i].token_ids` / `.logprobs`), and its label math is tested against
+`HFEngine` through a stand-in `vllm` module backed by transformers (tests/test_engine_agreement.py),
+which checks our use of those fields, not vLLM itself.
 
-How labels are scored (same definition as `HFEngine`: a label's probability is that of its
-tokens as the start of the assistant reply, normalized over the label set):
+How labels are scored (the project's one label semantics, `judge.engines.base`: log P(the reply is
+exactly the label)), with ordinary generation requests only, so vLLM's prefix cache serves every
+one of them:
 
-- **Single-token label sets** (A/B): one request per prompt, `max_tokens=1` with
-  `logprobs=k`; the label token ids are looked up in the returned top-k (plus the sampled
-  token). A label outside the top-k gets the floor log-prob documented in
-  `judge.engines.openai.missing_label_floor`. With `enable_prefix_caching=True` (our default)
-  the shared rubric prefix is computed once across the batch.
-- **Multi-token label sets** ("1".."10" with "10" = "1" + "0"): each label is appended to the
-  prompt and scored exactly with `prompt_logprobs=0` (vLLM always returns the log-prob of the
-  actual prompt token). Labels whose tokens are a prefix of another label's ("1" of "10") ride
-  on that label's request, so "1".."10" needs 9 requests per prompt. vLLM may not reuse the
-  prefix cache for requests that ask for prompt log-probs, so these cost a full prompt pass
-  per request; prefer single-token labels on vLLM when throughput matters.
+- One request per distinct token prefix of the labels, including each whole label, with
+  `max_tokens=1, logprobs=k`: the top-k after `prompt + label[:j]` gives log P(label[j]) (the floor
+  of `missing_label_floor` when absent), and the top-k after the whole label gives the mass of the
+  tokens that end it (the same per-vocabulary rule as `HFEngine`, looked up by token id). Ending
+  tokens outside the top-k are unseen, so P(exact label) is a lower bound, as on any top-k server.
+- The request for the bare prompt asks for two tokens: the second position's top-k follows the
+  greedy first token, which covers the ending check of the label the judge actually chose.
+- A/B labels: 3 requests per prompt (prompt, prompt + "A", prompt + "B"), the last two one token
+  past a cached prefix; "1".."10": 12 (prompt, each label, and "1" + "0").
 
 Prompts are rendered with the model's own chat template and passed as token ids, exactly as
 `HFEngine` does, so both engines see identical token sequences.
@@ -37,11 +36,14 @@ import numpy as np
 from judge.engines.base import (
     EngineError,
     GenerationParams,
+    check_labels,
     encode_chat_prompt,
     encode_label_ids,
-    normalize_log_probs,
+    ending_token_mask,
+    missing_label_floor,
+    tokenizer_special_tokens,
+    vocab_following_texts,
 )
-from judge.engines.openai import missing_label_floor
 from judge.types import ChatPrompt
 
 INSTALL_HINT = "vLLM is not installed: pip install 'rlaif[vllm]' on a CUDA machine"
@@ -71,16 +73,32 @@ class VLLMEngine:
             raise EngineError(f"{model}: the tokenizer has no chat template; judges need a chat/instruct model")
         self._model = model
         self._name = name or model
-        self._dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        model_config = self.llm.llm_engine.model_config
+        self._dtype = str(model_config.dtype).removeprefix("torch.")
+        self._context_length = getattr(model_config, "max_model_len", None)
+        self._fingerprint = _model_identity(model)
         self._lock = threading.Lock()
+        self._following: tuple[list[str], np.ndarray] | None = None
+        self._ending: dict[tuple[str, ...], list[np.ndarray]] = {}
 
     @property
     def engine_id(self) -> str:
-        return f"vllm:{self._model}@{self._dtype}"
+        return f"vllm:{self._name}@{self._dtype}/cuda#{self._fingerprint}"
 
     @property
     def model_name(self) -> str:
         return self._name
+
+    @property
+    def context_length(self) -> int | None:
+        return int(self._context_length) if self._context_length else None
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return tokenizer_special_tokens(self.tokenizer)
+
+    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
+        return [len(self.encode_prompt(p)) for p in prompts]
 
     # ------------------------------------------------------------------ tokenization
     def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
@@ -89,49 +107,51 @@ class VLLMEngine:
     def encode_label(self, label: str) -> list[int]:
         return encode_label_ids(self.tokenizer, label)
 
-    # ------------------------------------------------------------------ label_probs
-    def label_probs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
+    # ------------------------------------------------------------------ labels
+    def label_logprobs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
         if not prompts:
             return np.zeros((0, len(labels)))
-        prompt_ids = [self.encode_prompt(p) for p in prompts]
-        label_ids = [self.encode_label(label) for label in labels]
+        targets = check_labels(labels)
+        prompt_ids = [tuple(self.encode_prompt(p)) for p in prompts]
+        label_ids = [tuple(self.encode_label(label)) for label in targets]
+        ending = self._ending_masks(tuple(targets))
+        # Distinct continuations to request: (prompt row, label token prefix), the bare prompt first.
+        prefixes = sorted({tokens[:j] for tokens in label_ids for j in range(len(tokens) + 1)}, key=len)
+        requests = [(row, prefix) for row in range(len(prompt_ids)) for prefix in prefixes]
+        tops: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
         with self._lock:
-            if all(len(tokens) == 1 for tokens in label_ids):
-                scores = self._single_token_scores(prompt_ids, [tokens[0] for tokens in label_ids])
-            else:
-                scores = self._continuation_scores(prompt_ids, label_ids)
-        return normalize_log_probs(scores)
-
-    def _single_token_scores(self, prompt_ids: list[list[int]], label_tokens: list[int]) -> np.ndarray:
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        outputs = self._generate([self._tokens_prompt(ids) for ids in prompt_ids], params)
-        scores = np.empty((len(prompt_ids), len(label_tokens)))
-        for row, output in enumerate(outputs):
-            step = output.outputs[0].logprobs[0]  # dict[token id, Logprob] for the first generated token
-            floor = missing_label_floor([entry.logprob for entry in step.values()])
-            scores[row] = [step[token].logprob if token in step else floor for token in label_tokens]
-        return scores
-
-    def _continuation_scores(self, prompt_ids: list[list[int]], label_ids: list[list[int]]) -> np.ndarray:
-        """Exact sum of label-token log-probs from `prompt_logprobs` of prompt + label."""
-        leaves = [k for k, tokens in enumerate(label_ids)
-                  if not any(len(other) > len(tokens) and other[:len(tokens)] == tokens for other in label_ids)]
-        requests = [(row, k) for row in range(len(prompt_ids)) for k in leaves]
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self._generate([self._tokens_prompt(prompt_ids[row] + label_ids[k]) for row, k in requests], params)
-        # Per prompt: log P(token at position p) for every scored continuation position.
-        position_logprob: list[dict[tuple[int, ...], float]] = [{} for _ in prompt_ids]
-        for (row, k), output in zip(requests, outputs):
-            start = len(prompt_ids[row])
-            tokens = label_ids[k]
-            for j, token in enumerate(tokens):
-                entry = output.prompt_logprobs[start + j]
-                position_logprob[row][tuple(tokens[:j + 1])] = entry[token].logprob
+            outputs = self._generate([self._tokens_prompt(list(prompt_ids[row] + prefix)) for row, prefix in requests],
+                                     [self._params(2 if not prefix else 1) for _, prefix in requests])
+        for (row, prefix), output in zip(requests, outputs):
+            completion = output.outputs[0]
+            steps = completion.logprobs or []
+            if not steps:
+                raise EngineError("vLLM returned no logprobs; is max_logprobs >= top_logprobs?")
+            tops.setdefault((row, prefix), _as_logprobs(steps[0]))
+            if not prefix and len(steps) > 1 and completion.token_ids:
+                tops.setdefault((row, (int(completion.token_ids[0]),)), _as_logprobs(steps[1]))
         scores = np.empty((len(prompt_ids), len(label_ids)))
         for row in range(len(prompt_ids)):
             for k, tokens in enumerate(label_ids):
-                scores[row, k] = sum(position_logprob[row][tuple(tokens[:j + 1])] for j in range(len(tokens)))
+                total = 0.0
+                for j, token in enumerate(tokens):
+                    top = tops[(row, tokens[:j])]
+                    total += top.get(token, missing_label_floor(list(top.values())))
+                after = tops[(row, tokens)]
+                mass = sum(np.exp(lp) for token, lp in after.items() if token < len(ending[k]) and ending[k][token])
+                scores[row, k] = total + (np.log(mass) if mass > 0 else -np.inf)
         return scores
+
+    def _ending_masks(self, labels: tuple[str, ...]) -> list[np.ndarray]:
+        if labels not in self._ending:
+            if self._following is None:
+                self._following = vocab_following_texts(self.tokenizer)
+            texts, special = self._following
+            self._ending[labels] = [ending_token_mask(label, labels, texts, special) for label in labels]
+        return self._ending[labels]
+
+    def _params(self, max_tokens: int) -> Any:
+        return self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=self.top_logprobs)
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts: Sequence[ChatPrompt], params: GenerationParams) -> list[list[str]]:
@@ -164,8 +184,22 @@ class VLLMEngine:
             raise EngineError(f"vLLM generate failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _as_logprobs(step: Any) -> dict[int, float]:
+    """vLLM's per-position `{token_id: Logprob}` as `{token_id: float}`."""
+    return {int(token): float(getattr(entry, "logprob", entry)) for token, entry in step.items()}
+
+
+def _model_identity(model: str) -> str:
+    """Content fingerprint when the model's files are local (path or cached hub id), else the name."""
+    from judge.models import ModelNotFound, model_fingerprint
+
+    try:
+        return model_fingerprint(model)
+    except ModelNotFound:
+        return f"unresolved:{model}"
+
+
 def _as_bool(value: object) -> bool:
     if isinstance(value, str):
         return value.lower() in {"1", "true", "yes", "on"}
     return bool(value)
-

@@ -33,7 +33,7 @@ from judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCo
                                 write_outputs, write_text)
 from judge.labeling.pairs import knockout_round
 from judge.labeling.store import ProgressStore
-from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
+from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment, low_label_mass_warning
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
@@ -152,6 +152,7 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
     rows: list[dict] = []
     dropped: Counter[str] = Counter()
     all_pairwise: list[PairwiseJudgment] = []
+    label_masses: list[float] = []
     winner_index: Counter[int] = Counter()
     for batch, indices in enumerate(batches):
         responses = store.load_responses(indices)
@@ -160,6 +161,7 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
             for value in store.load_records(batch, "scores"):
                 record = json.loads(value)
                 per_prompt[record["prompt"]].append(ScoreJudgment.model_validate(record["judgment"]))
+                label_masses.append(per_prompt[record["prompt"]][-1].label_mass)
         else:
             judged: dict[int, dict[tuple[int, int], PairwiseJudgment]] = {i: {} for i in indices}
             for round_index in range(tournament_rounds(config.n)):
@@ -168,6 +170,7 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
                     judgment = PairwiseJudgment.model_validate(record["judgment"])
                     judged[record["prompt"]][(record["a"], record["b"])] = judgment
                     all_pairwise.append(judgment)
+                    label_masses.append(judgment.label_mass)
         for i in indices:
             texts = responses[i]
             if config.selection == "score":
@@ -193,6 +196,8 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
                          "n_candidates": len(texts), "rubric_id": rubric_id, "judge_model": judge_model,
                          "policy_model": policy_model})
     scores = [r["judge_score"] for r in rows if r["judge_score"] is not None]
+    mean_mass = sum(label_masses) / len(label_masses) if label_masses else None
+    mass_warning = low_label_mass_warning(mean_mass)
     stats = {
         "prompts": len(source.prompts), "samples_per_prompt": config.n, "rows": len(rows), "dropped": dict(dropped),
         "judge_score": describe(scores),
@@ -201,6 +206,8 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
         "winner_sample_index": {str(k): v for k, v in sorted(winner_index.items())},
         "comparisons_judged": len(all_pairwise),
         "position_consistency": (sum(j.consistent for j in all_pairwise) / len(all_pairwise)) if all_pairwise else None,
+        "mean_label_mass": mean_mass,
+        "warnings": [mass_warning] if mass_warning else [],
         "mean_completion_chars": (sum(len(r["completion"]) for r in rows) / len(rows)) if rows else None,
     }
     return rows, stats

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
                 min_margin=min_margin, drop_inconsistent=drop_inconsistent, format=fmt, export=_exports(export),  # type: ignore[arg-type]
                 no_cache=no_cache, cache_path=cache_path, overwrite=overwrite, progress=progress)
             with _service_errors():
-                print_json(run_label(config, command=command_line()))
+                _print_summary(run_label(config, command=command_line()))
 
     @app.command("best-of-n")
     def best_of_n(
@@ -136,7 +136,14 @@ def register(app: typer.Typer) -> None:
                 min_score=min_score, export=_exports(export), no_cache=no_cache, cache_path=cache_path,  # type: ignore[arg-type]
                 overwrite=overwrite, progress=progress)
             with _service_errors():
-                print_json(run_best_of_n(config, command=command_line()))
+                _print_summary(run_best_of_n(config, command=command_line()))
+
+
+def _print_summary(summary: dict) -> None:
+    """The summary as JSON on stdout; its warnings also on stderr, where people look."""
+    for warning in summary.get("warnings", []):
+        typer.echo(f"WARNING: {warning}", err=True)
+    print_json(summary)
 
 
 def _config(model: type[_ConfigT], **values: object) -> _ConfigT:

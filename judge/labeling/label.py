@@ -37,7 +37,7 @@ from judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCo
                                 write_outputs, write_text)
 from judge.labeling.pairs import all_pairs, orient, random_pair, rank_by_wins
 from judge.labeling.store import ProgressStore
-from judge.types import PairwiseItem, PairwiseJudgment, Preference, ScoreItem
+from judge.types import PairwiseItem, PairwiseJudgment, Preference, ScoreItem, low_label_mass_warning
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
@@ -212,6 +212,8 @@ def _stats(config: LabelConfig, source: Source, rows: list[dict], dropped: Count
            judgments: list[PairwiseJudgment], candidates: int) -> dict:
     probs = [row["judge_prob"] for row in rows]
     preference = Counter(j.preference.value for j in judgments)
+    mean_mass = (sum(j.label_mass for j in judgments) / len(judgments)) if judgments else None
+    mass_warning = low_label_mass_warning(mean_mass)
 
     def length(value: object) -> int:
         return len(value[0]["content"]) if isinstance(value, list) else len(str(value))
@@ -227,6 +229,8 @@ def _stats(config: LabelConfig, source: Source, rows: list[dict], dropped: Count
         "position_consistency": (sum(j.consistent for j in judgments) / len(judgments)) if judgments else None,
         "position_consistency_rows": (sum(r["consistent"] for r in rows) / len(rows)) if rows else None,
         "judge_preferences": {p.value: preference.get(p.value, 0) for p in Preference},
+        "mean_label_mass": mean_mass,
+        "warnings": [mass_warning] if mass_warning else [],
         "judge_prob": describe(probs),
         "judge_prob_histogram": [{"bin": label, "rows": count, "fraction": round(fraction, 4)}
                                  for label, count, fraction in histogram(probs, PROB_EDGES)],
@@ -316,7 +320,9 @@ def _card(config: LabelConfig, summary: dict, command: str | None) -> str:
         ("Position consistency",
          f"Mean position consistency of the judge over all {summary['comparisons_judged']} comparisons: "
          f"{_fmt(consistency)}; over the rows written: {_fmt(summary['position_consistency_rows'])}. "
-         "A comparison is consistent when both presentation orders prefer the same response."),
+         "A comparison is consistent when both presentation orders prefer the same response. "
+         f"Mean label mass (P(the judge's reply is exactly a label), before normalizing): "
+         f"{_fmt(summary['mean_label_mass'])}." + "".join(f"\n\n**Warning:** {w}" for w in summary["warnings"])),
         ("Time", f"{timing['sessions']} session(s), {timing['wall_seconds']:.1f} s of wall time in total.\n\n" + time_section),
     ]
     source = "the `--responses-from` columns " + ", ".join(config.responses_from) if config.responses_from else \
