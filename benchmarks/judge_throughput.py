@@ -69,8 +69,8 @@ class Result:
 
 
 def load_prompts(n: int) -> list[list[dict[str, str]]]:
-    from judge.data import load_preferences
-    from judge.rubric import load_rubric
+    from rlaif.judge.data import load_preferences
+    from rlaif.judge.rubric import load_rubric
 
     rubric = load_rubric("helpfulness")
     examples = load_preferences(DATA)[:n]
@@ -92,7 +92,7 @@ def label_runner(engine, labels: list[str]) -> Runner:
 
 
 def hf_batched(labels: list[str], spec: str = "default") -> Runner:
-    from judge.engines import build_engine
+    from rlaif.judge.engines import build_engine
 
     engine = build_engine(spec)
     print(f"# hf-batched: linear kernels = {engine.cpu_kernels_in_use}", file=sys.stderr)
@@ -103,7 +103,7 @@ def hf_naive() -> Runner:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from judge.models import load_tokenizer, plain_checkpoint
+    from rlaif.judge.models import load_tokenizer, plain_checkpoint
 
     path = plain_checkpoint()
     tokenizer = load_tokenizer(path)
@@ -125,7 +125,7 @@ def hf_naive() -> Runner:
 
 
 def llamacpp(server, labels: list[str], cache_prompt: bool) -> Runner:
-    from judge.engines.openai import OpenAIEngine
+    from rlaif.judge.engines.openai import OpenAIEngine
 
     engine = OpenAIEngine(server.base_url, "smollm2", concurrency=1, timeout=600.0,
                           extra_body={"cache_prompt": cache_prompt})
@@ -141,7 +141,7 @@ class NativeLlamaCppServer:
 
         import httpx
 
-        from judge.models import default_gguf_path
+        from rlaif.judge.models import default_gguf_path
         from tests.conftest import free_port
 
         port = free_port()
@@ -173,8 +173,8 @@ class NativeLlamaCppServer:
 
 
 def llamacpp_native(server: NativeLlamaCppServer, labels: list[str]) -> Runner:
-    from judge.engines.openai import OpenAIEngine
-    from judge.models import plain_checkpoint
+    from rlaif.judge.engines.openai import OpenAIEngine
+    from rlaif.judge.models import plain_checkpoint
 
     engine = OpenAIEngine(server.base_url, "smollm2", endpoint="completions", tokenizer=str(plain_checkpoint()),
                           concurrency=1, timeout=600.0)
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
-    from judge.models import DEFAULT_MODEL_NAME, load_tokenizer, plain_checkpoint
-    from judge.rubric import load_rubric
+    from rlaif.judge.models import DEFAULT_MODEL_NAME, load_tokenizer, plain_checkpoint
+    from rlaif.judge.rubric import load_rubric
 
     labels = load_rubric("helpfulness").labels
     prompts = load_prompts(args.pairs)

@@ -113,10 +113,10 @@ def run_ours(plain: Path, reward_model: Path, warmup: int, updates: int, threads
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
-    from judge.models import load_tokenizer
-    from policy_training.config import PPOConfig
-    from policy_training.ppo import PPOTrainer
-    from policy_training.rewards import FunctionReward
+    from rlaif.judge.models import load_tokenizer
+    from rlaif.policy_training.config import PPOConfig
+    from rlaif.policy_training.ppo import PPOTrainer
+    from rlaif.policy_training.rewards import FunctionReward
 
     rm_tokenizer = load_tokenizer(reward_model)
     rm_tokenizer.padding_side = "right"
@@ -271,7 +271,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from judge.models import plain_checkpoint
+    from rlaif.judge.models import plain_checkpoint
 
     plain = plain_checkpoint()
     args.workdir.mkdir(parents=True, exist_ok=True)

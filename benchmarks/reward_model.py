@@ -47,7 +47,7 @@ DEFAULT_DATA = Path(__file__).parent / "data" / "hh_rlhf_harmless_base_test_firs
 
 
 def load_pairs(path: Path, n: int) -> list[Any]:
-    from judge.data import load_preferences
+    from rlaif.judge.data import load_preferences
 
     examples = load_preferences(path, limit=n)
     if len(examples) < n:
@@ -57,7 +57,7 @@ def load_pairs(path: Path, n: int) -> list[Any]:
 
 def ours(examples: list[Any], args: argparse.Namespace, shared_prefix: str) -> dict[str, Any]:
     """One epoch of the shipped training loop (hard labels, no held-out split)."""
-    from policy_training.rm_training import RMTrainConfig, train_reward_model
+    from rlaif.policy_training.rm_training import RMTrainConfig, train_reward_model
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
@@ -89,7 +89,7 @@ def trl_run(examples: list[Any], args: argparse.Namespace, gradient_checkpointin
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from policy_training.reward_model import RewardModel
+    from rlaif.policy_training.reward_model import RewardModel
 
     torch.manual_seed(0)
     rm = RewardModel.from_base(args.base, max_length=args.max_length)
@@ -139,7 +139,7 @@ class Clock:
 
 def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """Pairs/s: RM (flat and shared-prefix) vs the LLM pairwise judge, same pairs."""
-    from policy_training.reward_model import RewardModel
+    from rlaif.policy_training.reward_model import RewardModel
 
     examples = examples[: args.score_pairs]
     n = len(examples)
@@ -157,9 +157,9 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Clock] = {"rm": flat, "rm_shared_prefix": shared}
     out: dict[str, Any] = {"pairs": n}
     if not args.skip_judge:
-        from judge.engines import build_engine
-        from judge.judges import PairwiseJudge
-        from judge.types import PairwiseItem
+        from rlaif.judge.engines import build_engine
+        from rlaif.judge.judges import PairwiseJudge
+        from rlaif.judge.types import PairwiseItem
 
         judge = PairwiseJudge(build_engine("default"), "helpfulness", cache=None)
         items = [PairwiseItem(prompt=e.prompt, response_a=e.chosen, response_b=e.rejected) for e in examples]
@@ -212,7 +212,7 @@ def run_worker(name: str, argv: list[str]) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Preference file (judge.data formats).")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Preference file (rlaif.judge.data formats).")
     parser.add_argument("--base", default="default", help="Base model spec (default: embedded SmolLM2-135M).")
     parser.add_argument("--pairs", type=int, default=32, help="Pairs to train on (one pass).")
     parser.add_argument("--batch-size", type=int, default=8, help="Pairs per optimizer step.")

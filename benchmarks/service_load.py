@@ -68,9 +68,9 @@ def make_items(n: int, kind: str) -> list[dict[str, str]]:
 
 def in_process(engine_spec: str, kind: str, items: list[dict[str, str]], batch_size: int) -> float:
     """Items/s of the judge's batch API on `items` (after one warm-up call)."""
-    from judge.engines import build_engine
-    from judge.judges import PairwiseJudge, ScoreJudge
-    from judge.types import PairwiseItem, ScoreItem
+    from rlaif.judge.engines import build_engine
+    from rlaif.judge.judges import PairwiseJudge, ScoreJudge
+    from rlaif.judge.types import PairwiseItem, ScoreItem
 
     engine = build_engine(engine_spec)
     if kind == "pairwise":

@@ -31,9 +31,9 @@ class UserError(Exception):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the judge's typed errors into a clean message and exit code 2."""
-    from judge.engines.base import EngineError
-    from judge.models import ModelNotFound
-    from judge.rubric import RubricError, RubricNotFound
+    from rlaif.judge.engines.base import EngineError
+    from rlaif.judge.models import ModelNotFound
+    from rlaif.judge.rubric import RubricError, RubricNotFound
 
     try:
         yield
@@ -45,8 +45,8 @@ def user_errors() -> Iterator[None]:
 def open_cache(no_cache: bool, cache_path: Path | None):
     if no_cache:
         return None
-    from judge.cache import JudgmentCache
-    from judge.models import cache_root
+    from rlaif.judge.cache import JudgmentCache
+    from rlaif.judge.models import cache_root
 
     return JudgmentCache(cache_path or cache_root() / "judgments.sqlite")
 
@@ -76,11 +76,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Position-debiased pairwise preference: P(response A is better), both orders averaged."""
         with user_errors():
-            from judge.engines import build_engine
-            from judge.judges import PairwiseJudge
-            from judge.types import PairwiseItem
+            from rlaif.judge.engines import build_engine
+            from rlaif.judge.judges import PairwiseJudge
+            from rlaif.judge.types import PairwiseItem
 
-            from judge.rubric import load_rubric
+            from rlaif.judge.rubric import load_rubric
 
             loaded = load_rubric(rubric or "helpfulness")  # fail on a bad rubric before loading a model
             judge = PairwiseJudge(build_engine(engine), loaded, mode=mode, tie_margin=tie_margin,  # type: ignore[arg-type]
@@ -101,11 +101,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Direct score (d-RLAIF): expected score under the label distribution, rescaled to [0, 1]."""
         with user_errors():
-            from judge.engines import build_engine
-            from judge.judges import ScoreJudge
-            from judge.types import ScoreItem
+            from rlaif.judge.engines import build_engine
+            from rlaif.judge.judges import ScoreJudge
+            from rlaif.judge.types import ScoreItem
 
-            from judge.rubric import load_rubric
+            from rlaif.judge.rubric import load_rubric
 
             loaded = load_rubric(rubric or "score-1-10")
             judge = ScoreJudge(build_engine(engine), loaded, mode=mode,  # type: ignore[arg-type]
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
     def rubrics() -> None:
         """List the built-in rubrics."""
         with user_errors():
-            from judge.rubric import load_all_builtin
+            from rlaif.judge.rubric import load_all_builtin
 
             print_json([{"id": r.id, "version": r.version, "kind": r.kind, "description": r.description.strip(),
                          "modes": ["logprob", "cot"] if r.cot else ["logprob"]} for r in load_all_builtin().values()])
@@ -143,11 +143,11 @@ def register_eval(app: typer.Typer) -> None:
         with user_errors():
             from tqdm import tqdm
 
-            from judge.data import load_preferences_with_stats
-            from judge.engines import build_engine
-            from judge.evaluation import evaluate
-            from judge.judges import PairwiseJudge
-            from judge.rubric import load_rubric
+            from rlaif.judge.data import load_preferences_with_stats
+            from rlaif.judge.engines import build_engine
+            from rlaif.judge.evaluation import evaluate
+            from rlaif.judge.judges import PairwiseJudge
+            from rlaif.judge.rubric import load_rubric
 
             if not data.is_file():
                 raise UserError(f"{data}: no such file")

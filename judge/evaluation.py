@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from judge.data import PreferenceExample, load_preferences_with_stats
-from judge.judges import PairwiseJudge
-from judge.metrics import (accuracy, expected_calibration_error, plot_reliability_diagram, reliability_bins,
+from rlaif.judge.data import PreferenceExample, load_preferences_with_stats
+from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.metrics import (accuracy, expected_calibration_error, plot_reliability_diagram, reliability_bins,
                            shorter_answer_baseline, wilson_interval)
-from judge.types import PairwiseItem, PairwiseJudgment, Preference, low_label_mass_warning
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, Preference, low_label_mass_warning
 
 
 class EvalReport(BaseModel):

@@ -28,10 +28,10 @@ from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
-from judge.cache import JudgmentCache, cache_key
-from judge.engines.base import LABEL_SEMANTICS, Engine, GenerationParams, label_distribution
-from judge.rubric import Rubric, RubricError, load_rubric
-from judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
+from rlaif.judge.cache import JudgmentCache, cache_key
+from rlaif.judge.engines.base import LABEL_SEMANTICS, Engine, GenerationParams, label_distribution
+from rlaif.judge.rubric import Rubric, RubricError, load_rubric
+from rlaif.judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
                          ScoreJudgment, Timings)
 
 Mode = Literal["logprob", "cot"]

@@ -28,7 +28,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from judge.types import ChatPrompt
+from rlaif.judge.types import ChatPrompt
 
 
 class RubricError(ValueError):
@@ -284,7 +284,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 def builtin_rubric_dir() -> Path:
     """Folder of the rubric YAML files shipped in the `prompts` package."""
-    return Path(str(importlib.resources.files("prompts")))
+    return Path(str(importlib.resources.files("rlaif.prompts")))
 
 
 def builtin_rubric_ids() -> list[str]:

@@ -17,15 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "PPOConfig": "policy_training.config",
-    "PPOTrainer": "policy_training.ppo",
-    "ValueModel": "policy_training.ppo",
-    "RewardSource": "policy_training.rewards",
-    "FunctionReward": "policy_training.rewards",
-    "WeightedReward": "policy_training.rewards",
-    "RunningNormalizer": "policy_training.rewards",
-    "LocalJudgeReward": "policy_training.judge_rewards",
-    "HTTPJudgeReward": "policy_training.judge_rewards",
+    "PPOConfig": "rlaif.policy_training.config",
+    "PPOTrainer": "rlaif.policy_training.ppo",
+    "ValueModel": "rlaif.policy_training.ppo",
+    "RewardSource": "rlaif.policy_training.rewards",
+    "FunctionReward": "rlaif.policy_training.rewards",
+    "WeightedReward": "rlaif.policy_training.rewards",
+    "RunningNormalizer": "rlaif.policy_training.rewards",
+    "LocalJudgeReward": "rlaif.policy_training.judge_rewards",
+    "HTTPJudgeReward": "rlaif.policy_training.judge_rewards",
 }
 
 __all__ = sorted(_LAZY)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from policy_training.config import ConfigError, PPOConfig
+from rlaif.policy_training.config import ConfigError, PPOConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -45,8 +45,8 @@ def config_from_cli(config_file: Path | None, flags: dict[str, Any]) -> PPOConfi
 
 def run_ppo(config: PPOConfig) -> Path:
     """Build the reward source and trainer from `config` and train; returns the run directory."""
-    from policy_training.ppo import PPOTrainer
-    from policy_training.rewards import build_reward_source
+    from rlaif.policy_training.ppo import PPOTrainer
+    from rlaif.policy_training.rewards import build_reward_source
 
     trainer = PPOTrainer(config, build_reward_source(config))
     try:
@@ -74,13 +74,13 @@ def _build_ppo_command() -> Any:
         except ConfigError as exc:
             raise typer.BadParameter(str(exc)) from None
         if config.judge_url is None and config.engine is None and config.reward_model is None:
-            from policy_training.rewards import NO_REWARD_SOURCE
+            from rlaif.policy_training.rewards import NO_REWARD_SOURCE
 
             raise typer.BadParameter(NO_REWARD_SOURCE)
         if config.prompts is None:
             raise typer.BadParameter("no prompts: give --prompts FILE (.jsonl/.json/.txt)")
         if config.reward_model is not None:
-            from policy_training.reward_model import RM_CONFIG_FILE
+            from rlaif.policy_training.reward_model import RM_CONFIG_FILE
 
             if not (Path(config.reward_model) / RM_CONFIG_FILE).is_file():
                 raise typer.BadParameter(f"--reward-model {config.reward_model} is not a `rlaif train-rm` output "

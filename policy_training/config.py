@@ -189,7 +189,7 @@ class PPOConfig(BaseModel):
         if self.reference_column is not None and self.reward_mode != "pairwise":
             raise ValueError("reference_column only applies to reward_mode: pairwise; remove it or set reward_mode: pairwise")
         if self.rubric is not None:
-            from policy_training.judge_rewards import parse_rubric_weights
+            from rlaif.policy_training.judge_rewards import parse_rubric_weights
 
             parse_rubric_weights(self.rubric)  # raises ValueError with the accepted forms
         return self
@@ -267,7 +267,7 @@ def config_reference_markdown() -> str:
     """The field reference of `PPOConfig` as a Markdown table, generated from the field descriptions.
 
     docs/ppo.md embeds this output, so the documentation cannot drift from the code:
-    `python -m policy_training.config --markdown`.
+    `python -m rlaif.policy_training.config --markdown`.
     """
     import json
     import typing

@@ -65,7 +65,7 @@ class DistContext:
 
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing and not dist.is_initialized():
-            from policy_training.config import ConfigError
+            from rlaif.policy_training.config import ConfigError
 
             raise ConfigError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start data-parallel runs "
                               f"with torchrun or accelerate launch (they set all of these), or unset WORLD_SIZE "

@@ -1,8 +1,8 @@
 """Judge-backed reward sources: the LLM judge in-process or over HTTP, one or several rubrics.
 
-- `LocalJudgeReward`  runs `judge.judges.ScoreJudge` / `PairwiseJudge` on an engine in this
+- `LocalJudgeReward`  runs `rlaif.judge.judges.ScoreJudge` / `PairwiseJudge` on an engine in this
                       process (`engine: default`, `hf:...`, `openai:...`).
-- `HTTPJudgeReward`   calls a running `rlaif serve` through `service.client.JudgeClient`
+- `HTTPJudgeReward`   calls a running `rlaif serve` through `rlaif.service.client.JudgeClient`
                       (`POST /v1/rewards`), so the judge can live on another machine.
 
 Both implement the `RewardSource` protocol (`rewards(prompts, responses)`) and build from a
@@ -58,13 +58,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from policy_training.rewards import Reward, _check_batch
+from rlaif.policy_training.rewards import Reward, _check_batch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from judge.cache import JudgmentCache
-    from judge.engines.base import Engine
-    from policy_training.config import PPOConfig
-    from service.client import JudgeClient
+    from rlaif.judge.cache import JudgmentCache
+    from rlaif.judge.engines.base import Engine
+    from rlaif.policy_training.config import PPOConfig
+    from rlaif.service.client import JudgeClient
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,12 @@ def rescale(value: float, scale: RewardScale) -> float:
 def load_reference_table(path: str | Path, reference_column: str, prompt_column: str | None = None) -> dict[str, str]:
     """prompt text -> reference response, from the prompt file the trainer reads.
 
-    Prompts are extracted exactly as the trainer extracts them (`policy_training.ppo.load_prompts`),
+    Prompts are extracted exactly as the trainer extracts them (`rlaif.policy_training.ppo.load_prompts`),
     so the keys match the prompts the reward source will be called with.
     """
     import json
 
-    from policy_training.ppo import load_prompts
+    from rlaif.policy_training.ppo import load_prompts
 
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -303,7 +303,7 @@ class LocalJudgeReward(_JudgeReward):
                  mode: RewardMode = "score", scale: RewardScale = "unit", judge_mode: JudgeMode = "logprob",
                  references: Mapping[str, str] | None = None, cache: JudgmentCache | None = None,
                  tie_margin: float = 0.05, name: str | None = None) -> None:
-        from judge.judges import PairwiseJudge, ScoreJudge
+        from rlaif.judge.judges import PairwiseJudge, ScoreJudge
 
         super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
         self.engine = engine
@@ -319,7 +319,7 @@ class LocalJudgeReward(_JudgeReward):
     @classmethod
     def from_config(cls, config: PPOConfig) -> LocalJudgeReward:
         """`engine`, `rubric`, `reward_mode`, `reward_scale`, `judge_mode`, `reference_column` of a PPO config."""
-        from judge.engines import build_engine
+        from rlaif.judge.engines import build_engine
 
         if config.engine is None:
             raise ValueError("LocalJudgeReward needs `engine` (e.g. default, hf:<model>, openai:<url>#<model>)")
@@ -333,8 +333,8 @@ class LocalJudgeReward(_JudgeReward):
 
     def _judge_terms(self, prompts: list[str], responses: list[str],
                      references: list[str] | None) -> tuple[dict[str, list[Reward]], dict[str, float]]:
-        from judge.engines.base import EngineError
-        from judge.types import PairwiseItem, ScoreItem
+        from rlaif.judge.engines.base import EngineError
+        from rlaif.judge.types import PairwiseItem, ScoreItem
 
         items: list[Any]
         if self.mode == "score":
@@ -372,7 +372,7 @@ class HTTPJudgeReward(_JudgeReward):
     Each call is split into requests of at most `max_items` samples per rubric term; up to
     `concurrency` requests are in flight at once, so the service's micro-batcher can merge
     them into large engine batches. Retries (429/503/connection errors, with backoff and
-    Retry-After) are the client's (`service.client.RetryPolicy`); what still fails leaves
+    Retry-After) are the client's (`rlaif.service.client.RetryPolicy`); what still fails leaves
     that request's samples at None (see the module docstring for which statuses raise).
     A ready-made `client` (e.g. with a custom transport) replaces timeout, retries, backoff and api_key.
     """
@@ -382,7 +382,7 @@ class HTTPJudgeReward(_JudgeReward):
                  references: Mapping[str, str] | None = None, timeout: float = 300.0, retries: int = 4,
                  backoff: float = 0.5, concurrency: int = 4, max_items: int = 256, api_key: str | None = None,
                  client: JudgeClient | None = None, name: str | None = None) -> None:
-        from service.client import JudgeClient, RetryPolicy
+        from rlaif.service.client import JudgeClient, RetryPolicy
 
         super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
         if concurrency < 1 or max_items < 1:
@@ -442,7 +442,7 @@ class HTTPJudgeReward(_JudgeReward):
     def _request(self, term: RubricWeight, prompts: list[str], responses: list[str],
                  references: list[str] | None) -> list[float] | None:
         """One /v1/rewards request; None when the service could not be had (see the module docstring)."""
-        from service.client import JudgeServiceError
+        from rlaif.service.client import JudgeServiceError
 
         try:
             response = self.client.rewards(prompts, responses, references=references, mode=self.mode,

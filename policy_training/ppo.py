@@ -26,9 +26,9 @@ through `set_reference_generator`, for pairwise rewards against the starting poi
 Metrics go to `<output_dir>/metrics.jsonl` (one JSON object per step), TensorBoard when
 installed, and `training_curves.png`; checkpoints to `<output_dir>/checkpoint-{step}/`.
 
-    from policy_training.config import PPOConfig
-    from policy_training.ppo import PPOTrainer
-    from policy_training.rewards import FunctionReward
+    from rlaif.policy_training.config import PPOConfig
+    from rlaif.policy_training.ppo import PPOTrainer
+    from rlaif.policy_training.rewards import FunctionReward
 
     trainer = PPOTrainer(PPOConfig(steps=10, output_dir="runs/demo"),
                          FunctionReward(lambda p, r: -abs(len(r) - 40) / 40),
@@ -59,9 +59,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policy_training.config import ConfigError, PPOConfig, resolve_device
-from policy_training.distributed import DistContext
-from policy_training.ppo_math import (
+from rlaif.policy_training.config import ConfigError, PPOConfig, resolve_device
+from rlaif.policy_training.distributed import DistContext
+from rlaif.policy_training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
@@ -80,7 +80,7 @@ from policy_training.ppo_math import (
     rloo_advantages,
     value_loss,
 )
-from policy_training.rewards import RewardSource, iter_reward_sources
+from rlaif.policy_training.rewards import RewardSource, iter_reward_sources
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ class MissingRewardError(RuntimeError):
 def resolve_model_path(spec: str) -> str:
     """Policy spec -> something `from_pretrained` accepts. `default` = the embedded SmolLM2."""
     if spec == "default":
-        from judge.models import plain_checkpoint
+        from rlaif.judge.models import plain_checkpoint
 
         return str(plain_checkpoint())
     if spec.startswith("hf:"):
         spec, _, query = spec[3:].partition("?")
         if "gguf_file" in query:
             raise ConfigError(f"policy {spec!r} with a GGUF file is quantized and cannot be fine-tuned; "
-                              f"convert it to a plain checkpoint first (see judge.models.plain_checkpoint)")
+                              f"convert it to a plain checkpoint first (see rlaif.judge.models.plain_checkpoint)")
     if spec.startswith(("vllm:", "openai:")):
         raise ConfigError(f"policy {spec!r} is an inference-only engine spec; the policy must be trainable: "
                           f"give `default`, a directory, a Hugging Face id or `hf:<id or path>`")
@@ -311,7 +311,7 @@ class PPOTrainer:
     # --------------------------------------------------------------- construction
 
     def _build_models(self, checkpoint: Path | None) -> None:
-        from judge.models import load_causal_lm
+        from rlaif.judge.models import load_causal_lm
 
         cfg = self.config
         base_path = resolve_model_path(cfg.policy)
@@ -323,7 +323,7 @@ class PPOTrainer:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(i for i in eos if i is not None)
         assert self.eos_ids, "the tokenizer has no EOS token; the trainer needs one to end responses"
-        assert tokenizer.pad_token_id not in self.eos_ids, "pad token must differ from EOS (see judge.models)"
+        assert tokenizer.pad_token_id not in self.eos_ids, "pad token must differ from EOS (see rlaif.judge.models)"
 
         self.value_model: ValueModel | None = None
         self.value_head: nn.Linear | None = None

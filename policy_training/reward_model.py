@@ -377,7 +377,7 @@ LOSSES = {"soft": soft_bradley_terry_loss, "hard": hard_bradley_terry_loss}
 def resolve_base(spec: str) -> str:
     """`default` -> the plain fp32 checkpoint of the embedded SmolLM2; `hf:X` or `X` -> X (HF id or path)."""
     if spec == "default":
-        from judge.models import plain_checkpoint
+        from rlaif.judge.models import plain_checkpoint
 
         return str(plain_checkpoint())
     return spec.removeprefix("hf:")
@@ -414,7 +414,7 @@ class RewardModel:
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has one output; this model has num_labels={model.config.num_labels}")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            from judge.models import ensure_distinct_pad_token
+            from rlaif.judge.models import ensure_distinct_pad_token
 
             ensure_distinct_pad_token(tokenizer)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -444,7 +444,7 @@ class RewardModel:
         """A fresh RM: the base model's body plus a new scalar head, in fp32 (CPU training path)."""
         from transformers import AutoModelForSequenceClassification
 
-        from judge.models import load_tokenizer
+        from rlaif.judge.models import load_tokenizer
 
         path = resolve_base(spec)
         with _quiet_loading():
@@ -466,7 +466,7 @@ class RewardModel:
         (`pack_for_inference`); leave it off to fine-tune or re-save the loaded model."""
         from transformers import AutoModelForSequenceClassification
 
-        from judge.models import load_tokenizer
+        from rlaif.judge.models import load_tokenizer
 
         path = Path(path)
         sidecar = path / RM_CONFIG_FILE
@@ -487,10 +487,10 @@ class RewardModel:
 
     def pack_for_inference(self) -> bool:
         """Scoring only from now on: on CPU (fp32), run the trunk's linear layers through oneDNN
-        with pre-packed weights (`judge.cpu_kernels`, ~2x on AMD CPUs; scores agree to ~1e-5).
+        with pre-packed weights (`rlaif.judge.cpu_kernels`, ~2x on AMD CPUs; scores agree to ~1e-5).
         The scalar head stays a plain `nn.Linear`. Afterwards the model can be neither trained nor
         saved. Returns whether the fast kernels are in use (False on CUDA or without oneDNN)."""
-        from judge.cpu_kernels import use_onednn_linears
+        from rlaif.judge.cpu_kernels import use_onednn_linears
 
         packed = use_onednn_linears(self.model, self.device, exclude=[self.head] if self.head is not None else [])
         if packed:

@@ -14,9 +14,9 @@ Here:
   `trl_async_reward_func`   (keyword `prompts`, `completions`, `**kwargs`).
 - `build_reward_source`     config -> source, used by `rlaif ppo`.
 
-Judge-backed sources live in `policy_training.judge_rewards` (a separate module):
+Judge-backed sources live in `rlaif.policy_training.judge_rewards` (a separate module):
 `LocalJudgeReward` (in-process judge engine) and `HTTPJudgeReward` (the judge service
-through `service.client`). Each provides `from_config(config: PPOConfig) -> RewardSource`,
+through `rlaif.service.client`). Each provides `from_config(config: PPOConfig) -> RewardSource`,
 which `build_reward_source` calls; they read `engine` / `judge_url`, `rubric` and
 `reward_mode` from the config.
 """
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from policy_training.config import PPOConfig
+    from rlaif.policy_training.config import PPOConfig
 
 Reward = float | None
 
@@ -278,17 +278,17 @@ def build_reward_source(config: PPOConfig) -> RewardSource:
     judge (`engine`) or a distilled reward model (`reward_model`), optionally wrapped in a
     `RunningNormalizer`."""
     if config.judge_url:
-        from policy_training.judge_rewards import HTTPJudgeReward
+        from rlaif.policy_training.judge_rewards import HTTPJudgeReward
 
         source: RewardSource = HTTPJudgeReward.from_config(config)
     elif config.engine:
-        from policy_training.judge_rewards import LocalJudgeReward
+        from rlaif.policy_training.judge_rewards import LocalJudgeReward
 
         source = LocalJudgeReward.from_config(config)
     elif config.reward_model:
-        from policy_training.rm_reward import RewardModelReward
+        from rlaif.policy_training.rm_reward import RewardModelReward
 
-        from policy_training.config import resolve_device
+        from rlaif.policy_training.config import resolve_device
 
         source = RewardModelReward.from_path(config.reward_model, batch_size=config.reward_model_batch_size,
                                              device=resolve_device(config.device))

@@ -61,12 +61,12 @@ def register(app: typer.Typer) -> None:
         num_threads: Annotated[Optional[int], typer.Option("--num-threads", help="torch CPU threads.")] = None,
     ) -> None:
         """Train a reward model on AI-labeled preference pairs (Bradley-Terry, soft labels)."""
-        from judge.cli import print_json, user_errors
+        from rlaif.judge.cli import print_json, user_errors
 
         with user_errors():
             from pydantic import ValidationError
 
-            from policy_training.rm_training import RMTrainConfig, train_reward_model
+            from rlaif.policy_training.rm_training import RMTrainConfig, train_reward_model
 
             try:
                 config = RMTrainConfig(

@@ -3,7 +3,7 @@
 RLAIF §2.2.1 trains the policy against a reward model distilled from the AI labeler rather
 than querying the labeler for every rollout: one forward pass per (prompt, response)
 instead of two judge passes per pair. This adapter puts `RewardModel.score` behind the
-`RewardSource` protocol of `policy_training.rewards`, so the trainer can use it alone or
+`RewardSource` protocol of `rlaif.policy_training.rewards`, so the trainer can use it alone or
 inside `WeightedReward` / `RunningNormalizer` like any other source.
 
     source = RewardModelReward.from_path("runs/rm")
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from policy_training.reward_model import RewardModel
+from rlaif.policy_training.reward_model import RewardModel
 
 
 class RewardModelReward:

@@ -18,7 +18,7 @@ from things those do not do for a reward model on a CPU:
 
 Evaluation: agreement of the RM with the judge on held-out prompts (the split is by
 prompt, so several pairs of one prompt never straddle train and eval), and with people on
-a human-labeled file (`--human-eval`, any format `judge.data.load_preferences` reads).
+a human-labeled file (`--human-eval`, any format `rlaif.judge.data.load_preferences` reads).
 
 Run: `rlaif train-rm --data runs/labels --out runs/rm --epochs 1 --human-eval data/llmbar_natural.json`
 """
@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policy_training.reward_model import (
+from rlaif.policy_training.reward_model import (
     LOSSES,
     EncodedPair,
     Prompt,
@@ -194,7 +194,7 @@ def _read_table(path: Path) -> tuple[Columns, Columns | None]:
         raise FileNotFoundError(f"{path}: no such labeled dataset (give a `rlaif label` output folder or a .jsonl/.parquet file)")
     name = path.name.removesuffix(".gz")
     if name.endswith((".jsonl", ".json")):
-        from judge.data import read_json_records
+        from rlaif.judge.data import read_json_records
 
         return _columns_of_records(read_json_records(path)), None
     if name.endswith(".parquet"):
@@ -296,7 +296,7 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    from judge.metrics import wilson_interval
+    from rlaif.judge.metrics import wilson_interval
 
     return wilson_interval(k, n) if n else (float("nan"), float("nan"))
 
@@ -320,8 +320,8 @@ def evaluate_pairs(rm: RewardModel, pairs: Sequence[EncodedPair], *, batch_size:
 def evaluate_human(rm: RewardModel, path: str | Path, *, limit: int | None, batch_size: int,
                    shared_prefix: bool) -> dict[str, Any]:
     """Agreement with human labels (`rlaif eval` formats), next to the pick-the-shorter baseline."""
-    from judge.data import load_preferences
-    from judge.metrics import shorter_answer_baseline
+    from rlaif.judge.data import load_preferences
+    from rlaif.judge.metrics import shorter_answer_baseline
 
     examples = load_preferences(path, limit=limit)
     if not examples:
@@ -672,13 +672,13 @@ records this so that scoring formats inputs exactly as training did.
 ## Usage
 
 ```python
-from policy_training.reward_model import RewardModel
+from rlaif.policy_training.reward_model import RewardModel
 
 rm = RewardModel.load("{out}")
 rm.score(["How do I boil an egg?"], ["Put it in boiling water for 8 minutes."])
 ```
 
-As a PPO reward source: `policy_training.rm_reward.RewardModelReward("{out}")`; as a service:
+As a PPO reward source: `rlaif.policy_training.rm_reward.RewardModelReward("{out}")`; as a service:
 `rlaif serve --reward-model {out}`.
 
 ## Configuration

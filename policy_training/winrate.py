@@ -12,7 +12,7 @@ A win is a verdict for A in both orders, a loss one for B, anything else a tie (
 rule; `tie_margin` from the judge). Reported:
 - `win_rate` = (wins + ties / 2) / n, with a 95% Wilson interval;
 - `mean_prob_policy_better`: the soft version (mean debiased P(policy better));
-- `length_controlled_win_rate`: `judge.metrics.length_controlled_win_rate` on the soft
+- `length_controlled_win_rate`: `rlaif.judge.metrics.length_controlled_win_rate` on the soft
   probabilities against the token-length difference (AlpacaEval-style: the win rate the
   fit predicts at equal length), with its slope (> 0: longer answers win more);
 - mean response lengths of both models (tokens, with the base tokenizer, and characters).
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from judge.data import PromptRecord, load_prompts
-from judge.types import PairwiseItem, PairwiseJudgment, Preference
+from rlaif.judge.data import PromptRecord, load_prompts
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, Preference
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def resolve_policy_spec(spec: str) -> str:
     A PPO run directory resolves to its latest complete checkpoint's `policy/`, so the
     command works on a run while it is still training.
     """
-    from policy_training.ppo import PPOTrainer, resolve_model_path
+    from rlaif.policy_training.ppo import PPOTrainer, resolve_model_path
 
     path = Path(spec)
     if path.is_dir():
@@ -98,8 +98,8 @@ def generate_responses(model_path: str, records: Sequence[PromptRecord], *, max_
 
     The model is loaded, used and released here, so base and policy are never in memory together.
     """
-    from judge.engines.base import GenerationParams
-    from judge.engines.hf import HFEngine
+    from rlaif.judge.engines.base import GenerationParams
+    from rlaif.judge.engines.hf import HFEngine
 
     engine = HFEngine(model_path, device=device, max_batch_size=batch_size, prefix_cache=False)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -112,14 +112,14 @@ def generate_responses(model_path: str, records: Sequence[PromptRecord], *, max_
 def judge_pairs(items: Sequence[PairwiseItem], settings: WinRateSettings) -> tuple[list[PairwiseJudgment], str]:
     """Debiased pairwise judgments (both orders) in process or through the judge service; also the judge's name."""
     if settings.judge_url:
-        from service.client import JudgeClient
+        from rlaif.service.client import JudgeClient
 
         with JudgeClient(settings.judge_url, api_key=settings.judge_api_key, timeout=settings.judge_timeout) as client:
             judgments = client.pairwise([item.model_dump() for item in items], rubric=settings.rubric,
                                         mode=settings.judge_mode)  # type: ignore[arg-type]
         return judgments, settings.judge_url
-    from judge.engines import build_engine
-    from judge.judges import PairwiseJudge
+    from rlaif.judge.engines import build_engine
+    from rlaif.judge.judges import PairwiseJudge
 
     judge = PairwiseJudge(build_engine(settings.engine or "default"), settings.rubric or "helpfulness",
                           mode=settings.judge_mode)  # type: ignore[arg-type]
@@ -131,7 +131,7 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
     """The win-rate numbers of the module docstring from verdicts with the policy as response A."""
     import numpy as np
 
-    from judge.metrics import length_controlled_win_rate, wilson_interval
+    from rlaif.judge.metrics import length_controlled_win_rate, wilson_interval
 
     n = len(judgments)
     if n == 0:
@@ -174,7 +174,7 @@ def run_winrate(settings: WinRateSettings) -> dict[str, Any]:
     policy_texts = generate_responses(policy_path, records, **gen)  # type: ignore[arg-type]
     generation_s = time.perf_counter() - started
     # One yardstick for both models' lengths: the base tokenizer (a policy may have added tokens).
-    from judge.models import load_tokenizer
+    from rlaif.judge.models import load_tokenizer
 
     tokenizer = load_tokenizer(base_path)
     base_lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in base_texts]

@@ -6,7 +6,7 @@
 
 Prints the summary as JSON and writes `samples.jsonl` + `summary.json` to `--out`. Importing
 this module stays light (typer only); models load inside the command. See
-`policy_training.winrate` for what each number means.
+`rlaif.policy_training.winrate` for what each number means.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def winrate(
         "RLAIF_JUDGE_API_KEY",
 ) -> None:
     """Judged win rate of --policy vs --base on held-out prompts; prints JSON."""
-    from policy_training.winrate import WinRateSettings, run_winrate
+    from rlaif.policy_training.winrate import WinRateSettings, run_winrate
 
     if engine and judge_url:
         raise typer.BadParameter("give either --engine or --judge-url, not both")

@@ -1,1 +1,1 @@
-"""The rubric library: YAML files only (package data). Loaded by `judge.rubric.load_rubric`."""
+"""The rubric library: YAML files only (package data). Loaded by `rlaif.judge.rubric.load_rubric`."""

@@ -14,12 +14,12 @@ import typer
 
 # Each module exposes `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = (
-    "judge.cli",
-    "service.cli",
-    "judge.labeling.cli",
-    "policy_training.rm_cli",
-    "policy_training.cli",
-    "policy_training.winrate_cli",
+    "rlaif.judge.cli",
+    "rlaif.service.cli",
+    "rlaif.judge.labeling.cli",
+    "rlaif.policy_training.rm_cli",
+    "rlaif.policy_training.cli",
+    "rlaif.policy_training.winrate_cli",
 )
 
 

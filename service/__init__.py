@@ -1,7 +1,7 @@
 """The judge service: FastAPI app, micro-batcher, settings, metrics and a light HTTP client.
 
 Layout (vLLM's protocol / serving / router split):
-- `protocol`  request/response models shared by server and client (pydantic + judge.types only);
+- `protocol`  request/response models shared by server and client (pydantic + rlaif.judge.types only);
 - `errors`    typed service errors, each with its HTTP status (stdlib only);
 - `settings`  `ServiceSettings` (pydantic-settings, `RLAIF_*` env vars);
 - `batcher`   `MicroBatcher`: coalesces concurrent requests into engine batches;
@@ -13,5 +13,5 @@ Layout (vLLM's protocol / serving / router split):
 - `client`    `JudgeClient` / `AsyncJudgeClient` (httpx; never imports torch);
 - `cli`       `rlaif serve`.
 
-This file imports nothing, so `import service.client` stays light.
+This file imports nothing, so `import rlaif.service.client` stays light.
 """

@@ -1,11 +1,11 @@
 """`create_app(settings, engine=None)`: the judge service as a FastAPI app.
 
-Thin on purpose: routes parse a `service.protocol` model, call `JudgeService` and return its
+Thin on purpose: routes parse a `rlaif.service.protocol` model, call `JudgeService` and return its
 model. Everything else lives in one place each:
 - **lifespan** loads the model in a worker thread (so `/healthz` answers while a large model
   loads and `/readyz` says when it is done), starts the micro-batcher, and on shutdown drains
   queued and in-flight batches before closing the judgment cache;
-- **errors**: `service.errors.ServiceError` subclasses, request-validation errors, HTTP errors
+- **errors**: `rlaif.service.errors.ServiceError` subclasses, request-validation errors, HTTP errors
   and anything unexpected all become the one `ErrorResponse` body, via exception handlers;
   routes declare those statuses in `responses=`;
 - **auth**: optional bearer API keys, checked by `AuthMiddleware` from the request headers
@@ -38,15 +38,15 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from judge.cache import JudgmentCache
-from judge.engines.base import Engine
-from service import errors
-from service.metrics import ServiceMetrics
-from service.protocol import (ErrorDetail, ErrorResponse, GetRewardRequest, GetRewardResponse, HealthResponse,
+from rlaif.judge.cache import JudgmentCache
+from rlaif.judge.engines.base import Engine
+from rlaif.service import errors
+from rlaif.service.metrics import ServiceMetrics
+from rlaif.service.protocol import (ErrorDetail, ErrorResponse, GetRewardRequest, GetRewardResponse, HealthResponse,
                               PairwiseRequest, PairwiseResponse, ReadyResponse, RewardsRequest, RewardsResponse,
                               RubricDetail, RubricList, ScoreRequest, ScoreResponse)
-from service.serving import JudgeService, RewardScorer, RubricCatalog, load_components, open_cache
-from service.settings import ServiceSettings
+from rlaif.service.serving import JudgeService, RewardScorer, RubricCatalog, load_components, open_cache
+from rlaif.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _judge_router() -> APIRouter:
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format."},
         **_error_responses(401)}, tags=["status"])
     async def metrics(runtime: RuntimeDep) -> Response:
-        """Prometheus metrics (see `service.metrics`)."""
+        """Prometheus metrics (see `rlaif.service.metrics`)."""
         return Response(content=runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     return router

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from service.errors import EngineFailed, NotReady, QueueFull, RequestTimeout
+from rlaif.service.errors import EngineFailed, NotReady, QueueFull, RequestTimeout
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`rlaif serve`: run the judge service (uvicorn) on 127.0.0.1:8000 by default.
 
 Flags override `RLAIF_*` environment variables, which override the defaults in
-`service.settings.ServiceSettings`. The HTTP server starts at once (so `/healthz` answers and
+`rlaif.service.settings.ServiceSettings`. The HTTP server starts at once (so `/healthz` answers and
 load balancers see a live process) while the model loads in the background; when it is ready
 a working `curl` example is printed. A model that fails to load stops the command with exit
 status 2. Ctrl-C / SIGTERM shuts down gracefully: in-flight batches finish first.
@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from judge.cli import UserError, user_errors
+from rlaif.judge.cli import UserError, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -45,10 +45,10 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             import uvicorn
 
-            from judge.engines import parse_engine_spec
-            from service.app import create_app
-            from service.server import uvicorn_config
-            from service.settings import ServiceSettings
+            from rlaif.judge.engines import parse_engine_spec
+            from rlaif.service.app import create_app
+            from rlaif.service.server import uvicorn_config
+            from rlaif.service.settings import ServiceSettings
 
             overrides: dict[str, object] = {key: value for key, value in {
                 "host": host, "port": port, "engine": engine, "max_batch_size": max_batch_size,
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
 def _rubric_defaults(refs: list[str]) -> dict[str, str]:
     """Map each `--rubric` to the default of its kind (pairwise or score)."""
-    from judge.rubric import load_rubric
+    from rlaif.judge.rubric import load_rubric
 
     chosen: dict[str, str] = {}
     for ref in refs:

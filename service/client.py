@@ -1,12 +1,12 @@
 """`JudgeClient` / `AsyncJudgeClient`: call a running `rlaif serve` from anywhere, without torch.
 
-Imports only httpx, pydantic, the stdlib and `service.protocol` (whose only project import is
-`judge.types`, itself pydantic-only), so a trainer or labeling job on another machine needs
+Imports only httpx, pydantic, the stdlib and `rlaif.service.protocol` (whose only project import is
+`rlaif.judge.types`, itself pydantic-only), so a trainer or labeling job on another machine needs
 nothing heavy. Tests check that importing this module loads neither torch, transformers nor
-`judge.engines`.
+`rlaif.judge.engines`.
 
 Behaviour:
-- typed methods per endpoint; requests and responses are the server's own `service.protocol`
+- typed methods per endpoint; requests and responses are the server's own `rlaif.service.protocol`
   models, so a schema change breaks loudly at parse time rather than silently;
 - large calls are split into requests of at most `max_items` items (the server's limit;
   `AsyncJudgeClient` sends the pieces concurrently, which the server's micro-batcher merges);
@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from judge.types import PairwiseJudgment, ScoreJudgment
-from service.protocol import (ErrorResponse, GetRewardRequest, GetRewardResponse, HealthResponse, JudgeMode,
+from rlaif.judge.types import PairwiseJudgment, ScoreJudgment
+from rlaif.service.protocol import (ErrorResponse, GetRewardRequest, GetRewardResponse, HealthResponse, JudgeMode,
                               PairwiseRequest, PairwiseRequestItem, PairwiseResponse, ReadyResponse, RewardMode,
                               RewardRequestItem, RewardScale, RewardsRequest, RewardsResponse, RubricDetail, RubricInfo,
                               RubricList, ScoreRequest, ScoreRequestItem, ScoreResponse)

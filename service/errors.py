@@ -1,6 +1,6 @@
 """Typed service errors. Each class carries its HTTP status and a stable machine-readable code.
 
-The serving layer raises these; `service.app` maps every one of them, through a single
+The serving layer raises these; `rlaif.service.app` maps every one of them, through a single
 exception handler, to the one `ErrorResponse` body (`{"status", "code", "message"}`), so
 clients branch on `code`, never on message text. Stdlib only: the client may import it.
 """

@@ -1,12 +1,12 @@
-"""HTTP request/response models shared by the server (`service.app`) and the client (`service.client`).
+"""HTTP request/response models shared by the server (`rlaif.service.app`) and the client (`rlaif.service.client`).
 
 One module, one source of truth: the server validates requests and serializes responses with
 these classes, the client builds requests and parses responses with the same ones, and the
 OpenAPI schema at `/openapi.json` is generated from them.
 
-Imports stay light on purpose (pydantic, the stdlib and `judge.types`, which imports only
+Imports stay light on purpose (pydantic, the stdlib and `rlaif.judge.types`, which imports only
 pydantic): a trainer on another machine installs `httpx` + `pydantic` and can call the judge
-without torch. Judgments reuse `judge.types.PairwiseJudgment` / `ScoreJudgment` as they are.
+without torch. Judgments reuse `rlaif.judge.types.PairwiseJudgment` / `ScoreJudgment` as they are.
 
 Conventions:
 - requests forbid unknown fields (a typo such as `"rubirc"` is a 422, not silently ignored);
@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
-from judge.types import PairwiseJudgment, ScoreJudgment
+from rlaif.judge.types import PairwiseJudgment, ScoreJudgment
 
 JudgeMode = Literal["logprob", "cot"]
 """`logprob`: read the label distribution directly; `cot`: generate a rationale first (RLAIF §2.1)."""

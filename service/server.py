@@ -12,8 +12,8 @@ timer is the keep-alive timer, armed *after* a response), and accepts any number
   connection opened or after the first byte of the next request (slowloris). The header block
   itself is capped by h11 at 16 KiB.
 
-The body has its own deadline (`body_timeout`, in `service.app.BodyGuardMiddleware`), and bodies
-are only read after the API key has been checked (`service.app.AuthMiddleware`).
+The body has its own deadline (`body_timeout`, in `rlaif.service.app.BodyGuardMiddleware`), and bodies
+are only read after the API key has been checked (`rlaif.service.app.AuthMiddleware`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.settings import ServiceSettings
+from rlaif.service.settings import ServiceSettings
 
 _TIMEOUT_BODY = b"request headers not received in time\n"
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"

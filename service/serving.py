@@ -2,8 +2,8 @@
 
 The service receives its engine (and optional reward model and cache) in the constructor, so
 the same class runs behind FastAPI, in tests with a deterministic engine, or in a script. It
-never imports FastAPI: it takes and returns `service.protocol` models and raises
-`service.errors` exceptions, which `service.app` maps to HTTP.
+never imports FastAPI: it takes and returns `rlaif.service.protocol` models and raises
+`rlaif.service.errors` exceptions, which `rlaif.service.app` maps to HTTP.
 
 Per request it:
 1. resolves the rubric from the served catalog only (built-ins + files the operator listed;
@@ -18,7 +18,7 @@ Per request it:
    concurrent requests, including `/v1/judge/score`, score-mode `/v1/rewards` and judge-backed
    `/get_reward` calls that use the same rubric, share engine batches;
 5. turns judgments into the endpoint's response (rewards, OpenRLHF fields; see
-   `service.openrlhf` for how an OpenRLHF query is split into prompt and response).
+   `rlaif.service.openrlhf` for how an OpenRLHF query is split into prompt and response).
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from judge.cache import JudgmentCache
-from judge.engines.base import Engine
-from judge.judges import PairwiseJudge, ScoreJudge
-from judge.rubric import Rubric, RubricError, load_all_builtin, load_rubric
-from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
-from service import errors
-from service.batcher import MicroBatcher
-from service.metrics import ServiceMetrics
-from service.openrlhf import RolloutSample, split_samples
-from service.protocol import (CoTInfo, GetRewardRequest, GetRewardResponse, JudgeMode, PairwiseRequest,
+from rlaif.judge.cache import JudgmentCache
+from rlaif.judge.engines.base import Engine
+from rlaif.judge.judges import PairwiseJudge, ScoreJudge
+from rlaif.judge.rubric import Rubric, RubricError, load_all_builtin, load_rubric
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
+from rlaif.service import errors
+from rlaif.service.batcher import MicroBatcher
+from rlaif.service.metrics import ServiceMetrics
+from rlaif.service.openrlhf import RolloutSample, split_samples
+from rlaif.service.protocol import (CoTInfo, GetRewardRequest, GetRewardResponse, JudgeMode, PairwiseRequest,
                               PairwiseResponse, RewardDetail, RewardsRequest, RewardsResponse, RubricDetail,
                               RubricInfo, ScoreRequest, ScoreResponse)
-from service.settings import ServiceSettings
+from rlaif.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ REWARD_MODEL_KEY = ("reward_model", "", "")
 
 @runtime_checkable
 class RewardScorer(Protocol):
-    """What the service needs from a distilled reward model (`policy_training.reward_model.RewardModel`)."""
+    """What the service needs from a distilled reward model (`rlaif.policy_training.reward_model.RewardModel`)."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
@@ -203,7 +203,7 @@ class JudgeService:
                                model=self.engine.model_name)
 
     async def get_reward(self, request: GetRewardRequest) -> GetRewardResponse:
-        """OpenRLHF's remote reward call: split each query into prompt + response (`service.openrlhf`), reward them.
+        """OpenRLHF's remote reward call: split each query into prompt + response (`rlaif.service.openrlhf`), reward them.
 
         A whole rollout (up to `get_reward_max_items` samples) is accepted in one request and
         judged in chunks of `max_items`, each entering the queue as room frees up, so OpenRLHF
@@ -369,12 +369,12 @@ def load_components(settings: ServiceSettings, engine: Engine | None = None) -> 
     while a large model loads. Both imports are lazy: torch loads only here.
     """
     if engine is None:
-        from judge.engines import build_engine
+        from rlaif.judge.engines import build_engine
 
         engine = build_engine(settings.engine)
     if settings.reward_model is None:
         return engine, None, None
-    from policy_training.reward_model import RewardModel  # only imported when a reward model is served
+    from rlaif.policy_training.reward_model import RewardModel  # only imported when a reward model is served
 
     path = Path(settings.reward_model)
     reward_model = RewardModel.load(path, device=settings.reward_model_device, inference=True)
@@ -384,7 +384,7 @@ def load_components(settings: ServiceSettings, engine: Engine | None = None) -> 
 def open_cache(settings: ServiceSettings) -> JudgmentCache | None:
     if not settings.cache:
         return None
-    from judge.models import cache_root
+    from rlaif.judge.models import cache_root
 
     return JudgmentCache(settings.cache_path or cache_root() / "judgments.sqlite")
 

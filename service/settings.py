@@ -37,7 +37,7 @@ class ServiceSettings(BaseSettings):
         "name served rubrics, never arbitrary paths."))
     tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="Pairwise: |P(A) - 0.5| below this is a TIE.")
     reward_model: Path | None = Field(None, description=(
-        "Directory of a distilled reward model (policy_training.reward_model.RewardModel) to serve in "
+        "Directory of a distilled reward model (rlaif.policy_training.reward_model.RewardModel) to serve in "
         "/v1/rewards (mode=reward_model) and /get_reward."))
     reward_model_device: str = Field("cpu", description="Device of the served reward model.")
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def default_engine():
     """The real embedded SmolLM2-135M-Instruct as an HFEngine (dequantized plain checkpoint)."""
-    from judge.engines import build_engine
+    from rlaif.judge.engines import build_engine
 
     return build_engine("default")
 
@@ -21,14 +21,14 @@ def default_engine():
 @pytest.fixture(scope="session")
 def plain_checkpoint_dir():
     """Directory of the plain (trainable) checkpoint of the embedded model."""
-    from judge.models import plain_checkpoint
+    from rlaif.judge.models import plain_checkpoint
 
     return plain_checkpoint()
 
 
 @pytest.fixture()
 def judgment_cache(tmp_path):
-    from judge.cache import JudgmentCache
+    from rlaif.judge.cache import JudgmentCache
 
     cache = JudgmentCache(tmp_path / "judgments.sqlite")
     yield cache

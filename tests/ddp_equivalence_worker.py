@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policy_training.config import PPOConfig  # noqa: E402
-from policy_training.ppo import PPOTrainer  # noqa: E402
-from policy_training.rewards import FunctionReward  # noqa: E402
+from rlaif.policy_training.config import PPOConfig  # noqa: E402
+from rlaif.policy_training.ppo import PPOTrainer  # noqa: E402
+from rlaif.policy_training.rewards import FunctionReward  # noqa: E402
 from tests.tiny_policy import PROMPTS, distinct_words, record_step_gradients, use_fixed_rollouts  # noqa: E402
 
 ESTIMATORS = ("ppo", "rloo", "grpo")

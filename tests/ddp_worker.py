@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policy_training.config import PPOConfig  # noqa: E402
-from policy_training.ppo import PPOTrainer  # noqa: E402
-from policy_training.rewards import FunctionReward  # noqa: E402
+from rlaif.policy_training.config import PPOConfig  # noqa: E402
+from rlaif.policy_training.ppo import PPOTrainer  # noqa: E402
+from rlaif.policy_training.rewards import FunctionReward  # noqa: E402
 from tests.tiny_policy import fraction_of_x  # noqa: E402
 
 PROMPTS = ["a b c", "d e", "f g h a", "b", "c c d e f", "h", "a a", "g h", "e f g", "c"]

@@ -1,6 +1,6 @@
 """Test doubles for the service tests: a deterministic engine, a toy reward scorer, a real-server harness.
 
-`DeterministicEngine` implements the `judge.engines.base.Engine` protocol exactly (same
+`DeterministicEngine` implements the `rlaif.judge.engines.base.Engine` protocol exactly (same
 signatures, same output shapes, unnormalized label log-probs with a label mass below 1) but
 derives each label distribution from a hash of the prompt, so it is instant, reproducible, and
 independent of which batch a prompt lands in (batched == unbatched, bit for bit). Its token
@@ -15,7 +15,7 @@ httpx client; `error_of`, `metric`, `in_thread` and `wait_until` are the helpers
 tests share.
 
 `ServerThread` runs a real uvicorn server for an app on a free 127.0.0.1 port in a thread, with
-the same uvicorn settings `rlaif serve` uses (`service.server.uvicorn_config`: header timeout,
+the same uvicorn settings `rlaif serve` uses (`rlaif.service.server.uvicorn_config`: header timeout,
 connection cap, keep-alive timeout).
 """
 
@@ -33,11 +33,11 @@ import httpx
 import numpy as np
 import uvicorn
 
-from judge.engines.base import EngineError, GenerationParams
-from judge.types import ChatPrompt
-from service.app import create_app
-from service.protocol import ErrorResponse
-from service.settings import ServiceSettings
+from rlaif.judge.engines.base import EngineError, GenerationParams
+from rlaif.judge.types import ChatPrompt
+from rlaif.service.app import create_app
+from rlaif.service.protocol import ErrorResponse
+from rlaif.service.settings import ServiceSettings
 
 POISON = "<<poison>>"
 """Any prompt containing this text makes `DeterministicEngine` raise, whatever batch it is in."""
@@ -142,7 +142,7 @@ class ServerThread:
     """
 
     def __init__(self, app, port: int | None = None, *, timeout_graceful_shutdown: float = 30.0) -> None:
-        from service.server import uvicorn_config
+        from rlaif.service.server import uvicorn_config
         from tests.conftest import free_port
 
         self.port = port or free_port()

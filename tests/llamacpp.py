@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 
 def default_model_path() -> Path:
-    from judge.models import default_gguf_path
+    from rlaif.judge.models import default_gguf_path
 
     return default_gguf_path()
 

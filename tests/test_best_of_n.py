@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from judge.labeling.backends import LocalJudge
-from judge.labeling.best_of_n import best_of_n_features, replay_tournament, run_best_of_n, tournament_rounds
-from judge.labeling.config import BestOfNConfig
-from judge.labeling.store import ProgressStore
-from judge.types import PairwiseItem, PairwiseJudgment
+from rlaif.judge.labeling.backends import LocalJudge
+from rlaif.judge.labeling.best_of_n import best_of_n_features, replay_tournament, run_best_of_n, tournament_rounds
+from rlaif.judge.labeling.config import BestOfNConfig
+from rlaif.judge.labeling.store import ProgressStore
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment
 
 DATA = Path(__file__).parent / "data"
 MT_BENCH = DATA / "mt_bench_questions_sample.jsonl"

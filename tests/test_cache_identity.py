@@ -13,10 +13,10 @@ import shutil
 import pytest
 import torch
 
-from judge.engines.hf import HFEngine
-from judge.engines.openai import OpenAIEngine
-from judge.judges import PairwiseJudge
-from judge.types import PairwiseItem
+from rlaif.judge.engines.hf import HFEngine
+from rlaif.judge.engines.openai import OpenAIEngine
+from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.types import PairwiseItem
 
 ITEM = PairwiseItem(prompt="What is 2+2?", response_a="4", response_b="5")
 
@@ -90,7 +90,7 @@ def test_dtype_changes_identity(two_checkpoints):
 
 
 def test_a_model_object_is_fingerprinted_by_its_weights(two_checkpoints):
-    from judge.models import load_tokenizer
+    from rlaif.judge.models import load_tokenizer
 
     tokenizer = load_tokenizer(two_checkpoints[0])
     one, two = _tiny_llama(0), _tiny_llama(1)

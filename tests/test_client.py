@@ -1,4 +1,4 @@
-"""`service.client`: import weight, typed methods, error mapping and retry behaviour against a real server.
+"""`rlaif.service.client`: import weight, typed methods, error mapping and retry behaviour against a real server.
 
 Retries are checked from the outside: an httpx event hook counts the requests that really
 left the client, and wall-clock time shows whether `Retry-After` was honoured.
@@ -16,10 +16,10 @@ import time
 import httpx
 import pytest
 
-from service.app import create_app
-from service.client import (AsyncJudgeClient, JudgeClient, JudgeConnectionError, JudgeServiceError, RetryPolicy,
+from rlaif.service.app import create_app
+from rlaif.service.client import (AsyncJudgeClient, JudgeClient, JudgeConnectionError, JudgeServiceError, RetryPolicy,
                             parse_retry_after)
-from service.settings import ServiceSettings
+from rlaif.service.settings import ServiceSettings
 from tests.conftest import free_port
 from tests.fake_engines import DeterministicEngine, LengthRewardScorer, ServerThread
 
@@ -27,20 +27,20 @@ FAST_RETRY = RetryPolicy(retries=3, backoff=0.01, max_backoff=0.05)
 
 
 def test_importing_the_client_loads_no_torch_transformers_or_engines():
-    code = ("import sys, service.client; heavy = [m for m in ('torch', 'transformers', 'judge.engines', 'judge.judges', "
-            "'judge.rubric', 'numpy', 'fastapi', 'uvicorn', 'prometheus_client') if m in sys.modules]; print(heavy)")
+    code = ("import sys, rlaif.service.client; heavy = [m for m in ('torch', 'transformers', 'rlaif.judge.engines', 'rlaif.judge.judges', "
+            "'rlaif.judge.rubric', 'numpy', 'fastapi', 'uvicorn', 'prometheus_client') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_protocol_imports_only_pydantic_stdlib_and_judge_types():
-    code = ("import sys; before = set(sys.modules); import service.protocol; "
+    code = ("import sys; before = set(sys.modules); import rlaif.service.protocol; "
             "new = sorted(m.split('.')[0] for m in set(sys.modules) - before); print(sorted(set(new)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     loaded = {name for name in json.loads(out.stdout.replace("'", '"')) if not name.startswith("_")}  # _sysconfigdata...
     third_party = loaded - set(sys.stdlib_module_names)
     assert third_party <= {"pydantic", "pydantic_core", "typing_extensions", "typing_inspection", "annotated_types",
-                           "judge", "service"}, third_party
+                           "rlaif"}, third_party
 
 
 @pytest.fixture(scope="module")

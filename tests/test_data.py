@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from judge.data import (
+from rlaif.judge.data import (
     DropReason,
     PreferenceExample,
     PreferenceFormat,

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from judge.engines.base import label_distribution
-from judge.engines.openai import OpenAIEngine
-from judge.rubric import load_rubric
+from rlaif.judge.engines.base import label_distribution
+from rlaif.judge.engines.openai import OpenAIEngine
+from rlaif.judge.rubric import load_rubric
 from tests.llamacpp import MODEL_ALIAS, llamacpp_server_module  # noqa: F401 - pytest fixture
 
 STANDIN = Path(__file__).parent / "vllm_standin"
@@ -48,7 +48,7 @@ def cases():
 def vllm_engine(plain_checkpoint_dir):
     sys.path.insert(0, str(STANDIN))
     try:
-        from judge.engines.vllm import VLLMEngine
+        from rlaif.judge.engines.vllm import VLLMEngine
 
         yield VLLMEngine(str(plain_checkpoint_dir), name="smollm2")
     finally:

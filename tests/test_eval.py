@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from judge.data import load_preferences
-from judge.evaluation import presentation_order, summarize
-from judge.types import OrderJudgment, PairwiseJudgment, Preference
+from rlaif.judge.data import load_preferences
+from rlaif.judge.evaluation import presentation_order, summarize
+from rlaif.judge.types import OrderJudgment, PairwiseJudgment, Preference
 
 DATA = Path(__file__).parent / "data"
 

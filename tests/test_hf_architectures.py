@@ -2,7 +2,7 @@
 
 `HFEngine` runs a shared prefix once and lays rows out as [prefix][pad][ancestors][pad][tokens]
 with explicit `position_ids` and a mask with holes. That is exact only for some architectures
-(`judge.engines.exactness`). This file pins the rule on tiny randomly initialised models of
+(`rlaif.judge.engines.exactness`). This file pins the rule on tiny randomly initialised models of
 several architectures, all with the embedded SmolLM2 tokenizer (vocab 49152):
 
 (a) `prefix_sharing_support` gives the expected verdict per architecture and per config variant;
@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 import torch
 
-from judge.engines.base import encode_chat_prompt, encode_label_ids, ending_token_mask, vocab_following_texts
-from judge.engines.exactness import SharingSupport, prefix_sharing_support
-from judge.rubric import load_rubric
+from rlaif.judge.engines.base import encode_chat_prompt, encode_label_ids, ending_token_mask, vocab_following_texts
+from rlaif.judge.engines.exactness import SharingSupport, prefix_sharing_support
+from rlaif.judge.rubric import load_rubric
 
 TOL = 1e-4
 VOCAB = 49152
@@ -537,7 +537,7 @@ _ENGINES: dict[str, Any] = {}
 @pytest.fixture(scope="session")
 def engine_for(tmp_path_factory, tokenizer):
     """`engine_for(name)`: an `HFEngine` on the tiny model `name`, saved once with the SmolLM2 tokenizer."""
-    from judge.engines.hf import HFEngine
+    from rlaif.judge.engines.hf import HFEngine
 
     missing = [name for name in _ENGINE_API if not hasattr(HFEngine, name)]
     if missing:
@@ -632,7 +632,7 @@ def _following_texts(tokenizer):
 
 @pytest.mark.parametrize("arch", ENGINE_ARCHS, ids=lambda a: a.name)
 def test_engine_label_logprobs_match_stock(engine_for, arch: Arch, judge_prompts):
-    """label_logprobs (exact-label semantics of `judge.engines.base`) == the same quantity from the stock model.
+    """label_logprobs (exact-label semantics of `rlaif.judge.engines.base`) == the same quantity from the stock model.
 
     log P(label) = sum_j log P(label[j] | prompt + label[:j]) + log P(next token ends the label | prompt + label).
     The reference tokenizes with the tokenizer stock `AutoTokenizer` loads from the model folder:

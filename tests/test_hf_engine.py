@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from judge.data import load_preferences
-from judge.engines.base import GenerationParams, label_distribution, label_probs
-from judge.engines.hf import HFEngine, _build_radix_tree, _plan_batches, _walk
-from judge.judges import ScoreJudge
-from judge.rubric import load_rubric
-from judge.types import ScoreItem
+from rlaif.judge.data import load_preferences
+from rlaif.judge.engines.base import GenerationParams, label_distribution, label_probs
+from rlaif.judge.engines.hf import HFEngine, _build_radix_tree, _plan_batches, _walk
+from rlaif.judge.judges import ScoreJudge
+from rlaif.judge.rubric import load_rubric
+from rlaif.judge.types import ScoreItem
 
 TOL = 1e-4
 SCORES = [str(i) for i in range(1, 11)]
@@ -248,7 +248,7 @@ def test_pad_token_inside_prompt_is_not_masked(default_engine, stock_model, pair
 
 
 def test_onednn_swap_only_on_owned_models(default_engine, stock_model, plain_checkpoint_dir):
-    from judge.models import load_tokenizer
+    from rlaif.judge.models import load_tokenizer
 
     if default_engine.cpu_kernels_in_use == "onednn":  # x86 CPU builds of torch ship oneDNN
         assert not any(type(m) is torch.nn.Linear for m in default_engine.model.model.layers.modules())

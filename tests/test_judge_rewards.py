@@ -16,16 +16,16 @@ import pytest
 import torch
 import yaml
 
-from judge.judges import PairwiseJudge, ScoreJudge
-from judge.types import PairwiseItem, ScoreItem
-from policy_training.config import ConfigError, PPOConfig
-from policy_training.judge_rewards import (HTTPJudgeReward, LocalJudgeReward, RubricWeight, load_reference_table,
+from rlaif.judge.judges import PairwiseJudge, ScoreJudge
+from rlaif.judge.types import PairwiseItem, ScoreItem
+from rlaif.policy_training.config import ConfigError, PPOConfig
+from rlaif.policy_training.judge_rewards import (HTTPJudgeReward, LocalJudgeReward, RubricWeight, load_reference_table,
                                            parse_rubric_weights, weighted_sum)
-from policy_training.ppo import MissingRewardError, PPOTrainer
-from policy_training.rewards import RunningNormalizer, build_reward_source
-from service.app import create_app
-from service.client import JudgeServiceError
-from service.settings import ServiceSettings
+from rlaif.policy_training.ppo import MissingRewardError, PPOTrainer
+from rlaif.policy_training.rewards import RunningNormalizer, build_reward_source
+from rlaif.service.app import create_app
+from rlaif.service.client import JudgeServiceError
+from rlaif.service.settings import ServiceSettings
 from tests.conftest import free_port
 from tests.fake_engines import POISON, DeterministicEngine, ServerThread
 from tests.test_ppo_checkpoint import make_tiny_policy
@@ -155,8 +155,8 @@ def test_pairwise_reward_is_the_mean_of_both_orders_read_from_the_engine(default
     Pins what the judge's order bookkeeping must do (which text is Response A in each order,
     inverting the second order, averaging rather than reading one order), which comparing the
     reward with `PairwiseJudge` alone cannot: both would share a mistake there."""
-    from judge.engines.base import label_distribution
-    from judge.rubric import load_rubric
+    from rlaif.judge.engines.base import label_distribution
+    from rlaif.judge.rubric import load_rubric
 
     rubric = load_rubric("helpfulness")
     special = tuple(default_engine.special_tokens)
@@ -173,7 +173,7 @@ def test_pairwise_reward_is_the_mean_of_both_orders_read_from_the_engine(default
 
 
 def test_local_rejects_rubric_of_the_wrong_kind(default_engine):
-    from judge.rubric import RubricError
+    from rlaif.judge.rubric import RubricError
 
     with pytest.raises(RubricError, match="score rubric"):
         LocalJudgeReward(default_engine, mode="pairwise", rubrics="score-1-10")
@@ -371,7 +371,7 @@ def test_docs_config_reference_is_current():
     # docs/ppo.md embeds the generated table; regenerate with `python -m policy_training.config --markdown`.
     from pathlib import Path
 
-    from policy_training.config import config_reference_markdown
+    from rlaif.policy_training.config import config_reference_markdown
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "ppo.md").read_text()
     assert config_reference_markdown() in docs, "docs/ppo.md's config reference is stale: regenerate it"

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from judge.engines.base import GenerationParams, label_distribution, label_probs
-from judge.judges import PairwiseJudge, ScoreJudge
-from judge.rubric import RubricError, load_rubric, rubric_from_mapping
-from judge.types import ChatPrompt, PairwiseItem, Preference, ScoreItem
+from rlaif.judge.engines.base import GenerationParams, label_distribution, label_probs
+from rlaif.judge.judges import PairwiseJudge, ScoreJudge
+from rlaif.judge.rubric import RubricError, load_rubric, rubric_from_mapping
+from rlaif.judge.types import ChatPrompt, PairwiseItem, Preference, ScoreItem
 
 ITEMS = [
     PairwiseItem(prompt="What is the capital of France?", response_a="Paris.", response_b="I am not sure, maybe Lyon."),

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from judge.engines.base import (EngineError, TopCandidate, boundary_logprob, ends_label, exact_label_scores,
+from rlaif.judge.engines.base import (EngineError, TopCandidate, boundary_logprob, ends_label, exact_label_scores,
                                 label_distribution)
 
 SCORES = [str(i) for i in range(1, 11)]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from judge.judges import PairwiseJudge
-from judge.labeling.config import LabelConfig
-from judge.labeling.label import label_features, run_label
-from judge.labeling.pairs import rank_by_wins, random_pair
-from judge.labeling.store import ProgressStore, ResumeConflict
-from judge.types import PairwiseItem
+from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.labeling.config import LabelConfig
+from rlaif.judge.labeling.label import label_features, run_label
+from rlaif.judge.labeling.pairs import rank_by_wins, random_pair
+from rlaif.judge.labeling.store import ProgressStore, ResumeConflict
+from rlaif.judge.types import PairwiseItem
 
 DATA = Path(__file__).parent / "data"
 MT_BENCH = DATA / "mt_bench_questions_sample.jsonl"
@@ -217,8 +217,8 @@ def test_label_cot_mode_keeps_the_chosen_first_rationale(tmp_path, default_engin
 def cot_order_probs(engine, rubric_path: Path, pairs: list[tuple[str, str, str]]) -> list[list[tuple[float, str]]]:
     """Per (prompt, x, y): for order ab (x shown first) and ba, the unclamped P(first response better)
     and the rationale, computed with direct engine calls (greedy rationale, then the label turn)."""
-    from judge.engines.base import GenerationParams, label_distribution
-    from judge.rubric import load_rubric
+    from rlaif.judge.engines.base import GenerationParams, label_distribution
+    from rlaif.judge.rubric import load_rubric
 
     rubric = load_rubric(str(rubric_path))
     special = tuple(engine.special_tokens)

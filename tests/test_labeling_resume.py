@@ -1,7 +1,7 @@
 """Kill-and-resume: a real `rlaif label` process is SIGKILLed mid-job, restarted with the same
 command, and must write exactly the dataset of an uninterrupted run (same seed) in another folder.
 
-This is the loss-free contract of `judge.labeling.store`: every stage of every batch is
+This is the loss-free contract of `rlaif.judge.labeling.store`: every stage of every batch is
 committed atomically, a killed stage is redone whole, and the dataset is built from the store.
 """
 

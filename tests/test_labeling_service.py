@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from judge.labeling.best_of_n import run_best_of_n
-from judge.labeling.config import BestOfNConfig, LabelConfig
-from judge.labeling.label import run_label
+from rlaif.judge.labeling.best_of_n import run_best_of_n
+from rlaif.judge.labeling.config import BestOfNConfig, LabelConfig
+from rlaif.judge.labeling.label import run_label
 from tests.conftest import free_port
 
 DATA = Path(__file__).parent / "data"
@@ -33,8 +33,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def judge_server(default_engine):
-    from service.app import create_app
-    from service.settings import ServiceSettings
+    from rlaif.service.app import create_app
+    from rlaif.service.settings import ServiceSettings
     from tests.fake_engines import ServerThread
 
     app = create_app(ServiceSettings(cache=False, max_items=4), engine=default_engine)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from judge.labeling.best_of_n import replay_tournament, tournament_rounds
-from judge.labeling.config import BestOfNConfig, LabelConfig
-from judge.labeling.job import chat_of, load_source, make_batches, open_job
-from judge.labeling.label import output_pairs, pairs_to_judge
-from judge.labeling.pairs import all_pairs, derive_seed, knockout_round, orient, random_pair, rank_by_wins
-from judge.labeling.store import ProgressStore, ResumeConflict
-from judge.types import OrderJudgment, PairwiseJudgment, Preference
+from rlaif.judge.labeling.best_of_n import replay_tournament, tournament_rounds
+from rlaif.judge.labeling.config import BestOfNConfig, LabelConfig
+from rlaif.judge.labeling.job import chat_of, load_source, make_batches, open_job
+from rlaif.judge.labeling.label import output_pairs, pairs_to_judge
+from rlaif.judge.labeling.pairs import all_pairs, derive_seed, knockout_round, orient, random_pair, rank_by_wins
+from rlaif.judge.labeling.store import ProgressStore, ResumeConflict
+from rlaif.judge.types import OrderJudgment, PairwiseJudgment, Preference
 
 DATA = Path(__file__).parent / "data"
 MT_BENCH = DATA / "mt_bench_questions_sample.jsonl"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from judge.data import PreferenceExample, load_preferences
-from judge.metrics import (
+from rlaif.judge.data import PreferenceExample, load_preferences
+from rlaif.judge.metrics import (
     SLOPE_L2,
     ReliabilityBin,
     accuracy,

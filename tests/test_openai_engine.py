@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from judge.engines import build_engine
-from judge.engines.base import EngineError, GenerationParams, TopCandidate, label_distribution, label_probs
-from judge.engines.openai import (OpenAIEngine, label_log_scores, missing_label_floor, normalize_token,
+from rlaif.judge.engines import build_engine
+from rlaif.judge.engines.base import EngineError, GenerationParams, TopCandidate, label_distribution, label_probs
+from rlaif.judge.engines.openai import (OpenAIEngine, label_log_scores, missing_label_floor, normalize_token,
                                   top_logprobs_at)
-from judge.judges import PairwiseJudge
-from judge.rubric import load_rubric
-from judge.types import PairwiseItem, Preference
+from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.rubric import load_rubric
+from rlaif.judge.types import PairwiseItem, Preference
 from tests.llamacpp import MODEL_ALIAS, llamacpp_server_module  # noqa: F401 - pytest fixture
 
 SHAPES = Path(__file__).parent / "data" / "openai_shapes"

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_training.config import PPOConfig
-from policy_training.ppo import PPOTrainer
-from policy_training.rewards import FunctionReward
+from rlaif.policy_training.config import PPOConfig
+from rlaif.policy_training.ppo import PPOTrainer
+from rlaif.policy_training.rewards import FunctionReward
 from tests.tiny_policy import PROMPTS, distinct_words, make_tiny_policy, record_step_gradients, use_fixed_rollouts
 
 VARIANTS = {

@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from policy_training.cli import config_from_cli, register
-from policy_training.config import ConfigError, PPOConfig
-from policy_training.ppo import PLOT_FILE, PPOTrainer
-from policy_training.rewards import FunctionReward, build_reward_source
+from rlaif.policy_training.cli import config_from_cli, register
+from rlaif.policy_training.config import ConfigError, PPOConfig
+from rlaif.policy_training.ppo import PLOT_FILE, PPOTrainer
+from rlaif.policy_training.rewards import FunctionReward, build_reward_source
 from tests.tiny_policy import PROMPTS, make_tiny_policy
 
 
@@ -273,7 +273,7 @@ PROMPT_FILES = [
 
 @pytest.mark.parametrize("name,content,column,expected", PROMPT_FILES)
 def test_load_prompts(tmp_path, name, content, column, expected):
-    from policy_training.ppo import load_prompts
+    from rlaif.policy_training.ppo import load_prompts
 
     path = tmp_path / name
     path.write_text(content)
@@ -281,7 +281,7 @@ def test_load_prompts(tmp_path, name, content, column, expected):
 
 
 def test_load_prompts_names_the_missing_column(tmp_path):
-    from policy_training.ppo import load_prompts
+    from rlaif.policy_training.ppo import load_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "?"}\n')

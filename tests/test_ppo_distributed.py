@@ -69,7 +69,7 @@ def test_two_processes_train_one_policy(tmp_path, tiny_policy):
 
 def test_rlaif_ppo_cli_runs_under_the_launcher_unchanged(tmp_path, tiny_policy):
     """`torchrun -m rlaif ppo ...` (what `accelerate launch -m rlaif ppo ...` runs) with a reward model."""
-    from policy_training.reward_model import RewardModel
+    from rlaif.policy_training.reward_model import RewardModel
 
     RewardModel.from_base(tiny_policy, max_length=64).save(tmp_path / "rm")
     prompts = tmp_path / "prompts.txt"

@@ -21,13 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from judge.judges import PairwiseJudge
-from judge.types import PairwiseItem
-from policy_training.config import ConfigError, PPOConfig
-from policy_training.ppo import PPOTrainer
-from policy_training.rewards import FunctionReward, build_reward_source
-from service.app import create_app
-from service.settings import ServiceSettings
+from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.types import PairwiseItem
+from rlaif.policy_training.config import ConfigError, PPOConfig
+from rlaif.policy_training.ppo import PPOTrainer
+from rlaif.policy_training.rewards import FunctionReward, build_reward_source
+from rlaif.service.app import create_app
+from rlaif.service.settings import ServiceSettings
 from tests.fake_engines import ServerThread
 from tests.test_ppo_checkpoint import PROMPTS as TINY_PROMPTS
 from tests.test_ppo_checkpoint import distinct_words, make_tiny_policy, read_metrics, small_config
@@ -109,7 +109,7 @@ def shared_trainer(policy: str, out, **overrides) -> PPOTrainer:
 
 
 def test_shared_values_read_the_state_before_each_response_token(tiny_policy, tmp_path, one_thread):
-    from policy_training.ppo import sequence_inputs
+    from rlaif.policy_training.ppo import sequence_inputs
 
     trainer = shared_trainer(tiny_policy, tmp_path)
     assert trainer.value_model is None and trainer.value_head is not None

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_training import ppo as ppo_module
-from policy_training.config import PPOConfig
-from policy_training.ppo import MissingRewardError, PPOTrainer, Rollout
-from policy_training.rewards import (
+from rlaif.policy_training import ppo as ppo_module
+from rlaif.policy_training.config import PPOConfig
+from rlaif.policy_training.ppo import MissingRewardError, PPOTrainer, Rollout
+from rlaif.policy_training.rewards import (
     FunctionReward,
     RunningNormalizer,
     WeightedReward,

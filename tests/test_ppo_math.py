@@ -1,4 +1,4 @@
-"""Hand-computed checks of `policy_training.ppo_math` (GAE, whitening, KL, losses, baselines).
+"""Hand-computed checks of `rlaif.policy_training.ppo_math` (GAE, whitening, KL, losses, baselines).
 
 Each table row carries the arithmetic in its comment, so a failing case can be re-derived
 by hand. The vectorized GAE is also checked against a slow reverse-loop reference.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from policy_training.ppo_math import (
+from rlaif.policy_training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,

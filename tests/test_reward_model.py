@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_training.reward_model import (
+from rlaif.policy_training.reward_model import (
     EncodedPair,
     PairFormatter,
     RewardModel,
@@ -29,7 +29,7 @@ from policy_training.reward_model import (
     hard_bradley_terry_loss,
     soft_bradley_terry_loss,
 )
-from policy_training.rm_training import (
+from rlaif.policy_training.rm_training import (
     LabeledPair,
     RMTrainConfig,
     RewardModelTrainer,
@@ -61,7 +61,7 @@ def tiny_base(tmp_path_factory, plain_checkpoint_dir) -> Path:
     """A tiny random causal Llama + the real SmolLM2 tokenizer (chat template, distinct pad)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from judge.models import load_tokenizer
+    from rlaif.judge.models import load_tokenizer
 
     tokenizer = load_tokenizer(plain_checkpoint_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -76,7 +76,7 @@ def tiny_base(tmp_path_factory, plain_checkpoint_dir) -> Path:
 
 
 def human_pairs(path: Path, limit: int | None = None) -> list[dict]:
-    from judge.data import load_preferences
+    from rlaif.judge.data import load_preferences
 
     return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in load_preferences(path, limit=limit)]
 
@@ -94,7 +94,7 @@ def toy_rows(n: int = 90, seed: int = 0) -> list[dict]:
     Responses are drawn at random from the pool of real PandaLM responses, so the marker is
     the only systematic difference between chosen and rejected.
     """
-    from judge.data import load_preferences
+    from rlaif.judge.data import load_preferences
 
     examples = load_preferences(PANDALM)
     pool = [e.chosen[:300] for e in examples] + [e.rejected[:300] for e in examples]
@@ -199,7 +199,7 @@ def test_shared_prefix_mask_keeps_the_two_responses_apart():
 
 
 def test_formatter_matches_the_chat_template_and_shares_the_prompt(plain_checkpoint_dir):
-    from judge.models import load_tokenizer
+    from rlaif.judge.models import load_tokenizer
 
     tokenizer = load_tokenizer(plain_checkpoint_dir)
     formatter = PairFormatter(tokenizer)
@@ -431,7 +431,7 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, tiny_base):
 def test_inference_packing_keeps_the_scores(tmp_path, plain_checkpoint_dir):
     """`load(..., inference=True)` (PPO reward source, service) swaps in oneDNN kernels on CPU:
     same scores to 1e-4 on the real SmolLM2 trunk, head untouched, and no accidental re-save."""
-    from judge.cpu_kernels import PackedLinear
+    from rlaif.judge.cpu_kernels import PackedLinear
 
     RewardModel.from_base(str(plain_checkpoint_dir), max_length=256).save(tmp_path / "rm")
     plain = RewardModel.load(tmp_path / "rm")
@@ -448,8 +448,8 @@ def test_inference_packing_keeps_the_scores(tmp_path, plain_checkpoint_dir):
 
 
 def test_reward_model_reward_returns_the_scores(tmp_path, tiny_base):
-    from policy_training.rewards import RewardSource
-    from policy_training.rm_reward import RewardModelReward
+    from rlaif.policy_training.rewards import RewardSource
+    from rlaif.policy_training.rm_reward import RewardModelReward
 
     rm = RewardModel.from_base(str(tiny_base), max_length=128)
     rm.save(tmp_path / "rm")
@@ -538,8 +538,8 @@ def test_training_on_real_judge_labels(tmp_path, tiny_base, default_engine):
     # saved like `rlaif label` output; the RM must read judge_prob as its target and fit it.
     import datasets
 
-    from judge.judges import PairwiseJudge
-    from judge.types import PairwiseItem
+    from rlaif.judge.judges import PairwiseJudge
+    from rlaif.judge.types import PairwiseItem
 
     rows = human_pairs(LLMBAR, limit=12)
     judgments = PairwiseJudge(default_engine, "helpfulness").judge(
@@ -565,7 +565,7 @@ def test_training_on_real_judge_labels(tmp_path, tiny_base, default_engine):
 
 
 def test_ppo_config_takes_one_reward_source(tmp_path):
-    from policy_training.config import ConfigError, PPOConfig
+    from rlaif.policy_training.config import ConfigError, PPOConfig
 
     with pytest.raises(ConfigError, match="one reward source, not engine and reward_model"):
         PPOConfig.validated({"engine": "default", "reward_model": str(tmp_path)})

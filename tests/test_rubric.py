@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from judge.rubric import (Rubric, RubricError, RubricNotFound, builtin_rubric_ids, delimit, load_rubric, neutralize,
+from rlaif.judge.rubric import (Rubric, RubricError, RubricNotFound, builtin_rubric_ids, delimit, load_rubric, neutralize,
                           rubric_from_mapping)
 
 MINIMAL = {
@@ -208,7 +208,7 @@ def test_real_tokenizer_sees_special_ids_only_where_the_template_put_them(plain_
     model as special ids from user text. Rendered with the tokenizer's own list, none may."""
     from transformers import AutoTokenizer
 
-    from judge.engines.base import tokenizer_special_tokens
+    from rlaif.judge.engines.base import tokenizer_special_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(plain_checkpoint_dir)
     specials = tokenizer_special_tokens(tokenizer)

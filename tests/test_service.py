@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from judge.judges import PairwiseJudge, ScoreJudge
-from judge.types import PairwiseItem, ScoreItem
-from service.app import create_app
-from service.settings import ServiceSettings
+from rlaif.judge.judges import PairwiseJudge, ScoreJudge
+from rlaif.judge.types import PairwiseItem, ScoreItem
+from rlaif.service.app import create_app
+from rlaif.service.settings import ServiceSettings
 from tests.conftest import free_port
 from tests.fake_engines import ServerThread
 

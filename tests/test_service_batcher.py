@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from service.batcher import MicroBatcher
-from service.errors import EngineFailed, NotReady, QueueFull, RequestTimeout
+from rlaif.service.batcher import MicroBatcher
+from rlaif.service.errors import EngineFailed, NotReady, QueueFull, RequestTimeout
 
 
 class Recorder:

@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from service.app import create_app
-from service.settings import ServiceSettings
+from rlaif.service.app import create_app
+from rlaif.service.settings import ServiceSettings
 from tests.fake_engines import (PAIR_ITEM, POISON, SCORE_ITEM, DeterministicEngine, LengthRewardScorer, ServerThread,
                                 error_of, in_thread, metric, serve, wait_until)
 
@@ -209,7 +209,7 @@ def test_request_timeout_is_504_and_later_requests_succeed():
 
 
 def test_not_ready_while_loading_then_ready(monkeypatch):
-    import service.app as app_module
+    import rlaif.service.app as app_module
 
     gate = threading.Event()
     engine = DeterministicEngine()

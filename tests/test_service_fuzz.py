@@ -20,9 +20,9 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import (content_type_conformance, not_a_server_error,  # noqa: E402
                                  response_schema_conformance, status_code_conformance)
 
-from service.app import create_app  # noqa: E402
-from service.protocol import ErrorResponse  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
+from rlaif.service.app import create_app  # noqa: E402
+from rlaif.service.protocol import ErrorResponse  # noqa: E402
+from rlaif.service.settings import ServiceSettings  # noqa: E402
 from tests.fake_engines import DeterministicEngine, LengthRewardScorer, ServerThread  # noqa: E402
 
 MAX_EXAMPLES = 400

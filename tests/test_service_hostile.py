@@ -20,11 +20,11 @@ import time
 import httpx
 import pytest
 
-from judge.judges import ScoreJudge
-from judge.types import ScoreItem
-from service.cli import curl_example
-from service.serving import RubricCatalog
-from service.settings import ServiceSettings
+from rlaif.judge.judges import ScoreJudge
+from rlaif.judge.types import ScoreItem
+from rlaif.service.cli import curl_example
+from rlaif.service.serving import RubricCatalog
+from rlaif.service.settings import ServiceSettings
 from tests.fake_engines import SCORE_ITEM, DeterministicEngine, error_of, in_thread, metric, serve, wait_until
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.openrlhf import MIN_OVERLAP, plain_prompt, split_sample, strip_end_markers
+from rlaif.service.openrlhf import MIN_OVERLAP, plain_prompt, split_sample, strip_end_markers
 from tests.fake_engines import DeterministicEngine, error_of, serve
 
 QUESTIONS = ["What is 3+3?", "Name an ocean.", "Write a haiku about rain, please, with exactly three lines."]

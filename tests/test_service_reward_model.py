@@ -1,6 +1,6 @@
 """Serving a distilled reward model (`rlaif serve --reward-model DIR`).
 
-The real `policy_training.reward_model.RewardModel` is built from the embedded model (an
+The real `rlaif.policy_training.reward_model.RewardModel` is built from the embedded model (an
 untrained scalar head is enough: the test checks plumbing and numbers, not quality), saved,
 then loaded by the service itself through `ServiceSettings.reward_model`, the same lazy path
 the CLI uses. Served rewards must equal in-process `RewardModel.score` to 1e-4.
@@ -19,15 +19,15 @@ import time
 import httpx
 import pytest
 
-from policy_training.reward_model import RewardModel
-from service.app import create_app
-from service.settings import ServiceSettings
+from rlaif.policy_training.reward_model import RewardModel
+from rlaif.service.app import create_app
+from rlaif.service.settings import ServiceSettings
 from tests.fake_engines import DeterministicEngine, ServerThread
 
 
 def test_service_modules_do_not_import_the_reward_model_unless_configured():
-    code = ("import sys, service.app, service.serving, service.cli; "
-            "print([m for m in sys.modules if m.startswith('policy_training')])")
+    code = ("import sys, rlaif.service.app, rlaif.service.serving, rlaif.service.cli; "
+            "print([m for m in sys.modules if m.startswith('rlaif.policy_training')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

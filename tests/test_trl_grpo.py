@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from judge.judges import ScoreJudge
-from judge.models import load_tokenizer
-from judge.types import ScoreItem
-from policy_training.judge_rewards import LocalJudgeReward
-from policy_training.rewards import FunctionReward, trl_reward_func
+from rlaif.judge.judges import ScoreJudge
+from rlaif.judge.models import load_tokenizer
+from rlaif.judge.types import ScoreItem
+from rlaif.policy_training.judge_rewards import LocalJudgeReward
+from rlaif.policy_training.rewards import FunctionReward, trl_reward_func
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@
 
 The data comes from the real embedded model; the trained model is a tiny random Llama
 (2 layers, hidden 64) with SmolLM2's tokenizer from the plain checkpoint, loaded through
-`judge.models.load_tokenizer` so the pad token is not EOS. Each trainer runs two steps, and
+`rlaif.judge.models.load_tokenizer` so the pad token is not EOS. Each trainer runs two steps, and
 every trainable parameter must change (TRL's own smoke-test criterion), so a dataset that
 tokenizes to nothing useful, or that the trainer silently ignores, fails here.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from judge.labeling.best_of_n import run_best_of_n
-from judge.labeling.config import BestOfNConfig, LabelConfig
-from judge.labeling.label import run_label
-from judge.models import load_tokenizer
+from rlaif.judge.labeling.best_of_n import run_best_of_n
+from rlaif.judge.labeling.config import BestOfNConfig, LabelConfig
+from rlaif.judge.labeling.label import run_label
+from rlaif.judge.models import load_tokenizer
 
 pytest.importorskip("trl")
 

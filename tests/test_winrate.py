@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from judge.metrics import length_controlled_win_rate, wilson_interval
-from judge.types import OrderJudgment, PairwiseJudgment, Preference
-from policy_training.winrate import resolve_policy_spec, summarize
+from rlaif.judge.metrics import length_controlled_win_rate, wilson_interval
+from rlaif.judge.types import OrderJudgment, PairwiseJudgment, Preference
+from rlaif.policy_training.winrate import resolve_policy_spec, summarize
 from rlaif.cli import build_app
 
 
@@ -92,11 +92,11 @@ def test_winrate_cli_rejects_two_judges(tmp_path):
 
 def test_judge_pairs_over_http_equals_in_process():
     # The --judge-url path: same verdicts as judging in process with the engine the service runs.
-    from judge.judges import PairwiseJudge
-    from judge.types import PairwiseItem
-    from policy_training.winrate import WinRateSettings, judge_pairs
-    from service.app import create_app
-    from service.settings import ServiceSettings
+    from rlaif.judge.judges import PairwiseJudge
+    from rlaif.judge.types import PairwiseItem
+    from rlaif.policy_training.winrate import WinRateSettings, judge_pairs
+    from rlaif.service.app import create_app
+    from rlaif.service.settings import ServiceSettings
     from tests.fake_engines import DeterministicEngine, ServerThread
 
     engine = DeterministicEngine()

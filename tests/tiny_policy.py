@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from policy_training.ppo import PPOTrainer, Rollout
+    from rlaif.policy_training.ppo import PPOTrainer, Rollout
 
 VOCAB = ["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c", "d", "e", "f", "g", "h", "x", "y", "z", "w"]
 PROMPTS = ["a b c", "d e", "f g h a", "b", "c c d e f", "h"]
@@ -66,7 +66,7 @@ def fixed_rollout(trainer: PPOTrainer, prompts: Sequence[str]) -> Rollout:
     FIXED_RESPONSES[(character sum of the prompt + k) % 8], so a prompt's group is the same in
     whichever process or batch it lands. Every response ends with EOS.
     """
-    from policy_training.ppo import Rollout
+    from rlaif.policy_training.ppo import Rollout
 
     seen: dict[str, int] = {}
     texts = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from judge.engines.base import Engine, EngineError, GenerationParams
+from rlaif.judge.engines.base import Engine, EngineError, GenerationParams
 
 __all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "parse_engine_spec"]
 
@@ -78,14 +78,14 @@ def check_engine_options(backend: str, options: dict[str, object]) -> None:
 
 def _engine_class(backend: str) -> type:
     if backend in {"default", "hf"}:
-        from judge.engines.hf import HFEngine
+        from rlaif.judge.engines.hf import HFEngine
 
         return HFEngine
     if backend == "openai":
-        from judge.engines.openai import OpenAIEngine
+        from rlaif.judge.engines.openai import OpenAIEngine
 
         return OpenAIEngine
-    from judge.engines.vllm import VLLMEngine
+    from rlaif.judge.engines.vllm import VLLMEngine
 
     return VLLMEngine
 
@@ -95,21 +95,21 @@ def build_engine(spec: str = "default") -> Engine:
     backend, target, options = parse_engine_spec(spec)
     check_engine_options(backend, options)
     if backend == "default":
-        from judge.engines.hf import HFEngine
-        from judge.models import DEFAULT_MODEL_NAME, plain_checkpoint
+        from rlaif.judge.engines.hf import HFEngine
+        from rlaif.judge.models import DEFAULT_MODEL_NAME, plain_checkpoint
 
         return HFEngine(plain_checkpoint(), name=DEFAULT_MODEL_NAME, **options)  # type: ignore[arg-type]
     if backend == "hf":
-        from judge.engines.hf import HFEngine
+        from rlaif.judge.engines.hf import HFEngine
 
         return HFEngine(target, **options)  # type: ignore[arg-type]
     if backend == "openai":
-        from judge.engines.openai import OpenAIEngine
+        from rlaif.judge.engines.openai import OpenAIEngine
 
         base_url, sep, model = target.partition("#")
         if not sep or not model:
             raise ValueError(f"openai engine spec needs a model after '#': openai:<base_url>#<model>, got {spec!r}")
         return OpenAIEngine(base_url, model, **options)  # type: ignore[arg-type]
-    from judge.engines.vllm import VLLMEngine
+    from rlaif.judge.engines.vllm import VLLMEngine
 
     return VLLMEngine(target, **options)  # type: ignore[arg-type]

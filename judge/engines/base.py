@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from judge.types import ChatPrompt
+from rlaif.judge.types import ChatPrompt
 
 LABEL_SEMANTICS = "exact-label-v2"
 """Names the label definition above; part of every judgment cache key, so judgments computed

@@ -2,7 +2,7 @@
 
 What makes it fast, and why it stays exact:
 - **Exact labels.** `label_logprobs` returns log P(the reply is exactly the label) (the project's
-  one label semantics, `judge.engines.base`): the label's tokens, then a token that ends it,
+  one label semantics, `rlaif.judge.engines.base`): the label's tokens, then a token that ends it,
   read over the whole vocabulary (special tokens and tokens starting with a non-word character,
   minus those that would continue into another label), so "10" never counts as "1".
 - **Last-position logits only.** Every query needs one row of next-token logits, so
@@ -18,7 +18,7 @@ What makes it fast, and why it stays exact:
   small LRU across calls (the rubric head of the next request is free).
 - **Only where that is provably exact.** Padding *inside* the cache and explicit positions are
   exact for full causal attention with positions driven by `position_ids`; a sliding window is
-  applied by cache index, so padding shifts it. `judge.engines.exactness.prefix_sharing_support`
+  applied by cache index, so padding shifts it. `rlaif.judge.engines.exactness.prefix_sharing_support`
   decides per model (allowlisted architectures + config checks); sliding-window models share
   only calls whose padded rows fit inside the window; everything else runs plain left-padded
   batches (exact for any causal LM: padding precedes each row's tokens). `engine.sharing` says
@@ -27,7 +27,7 @@ What makes it fast, and why it stays exact:
   small dynamic program minimizing padded tokens plus a per-forward cost (`batch_overhead_tokens`:
   small on CPU, large on CUDA). Subtrees are processed depth-first in waves of at most
   `max_wave_tokens` tokens, which bounds the keys/values held at once.
-- **oneDNN linear layers on CPU** for models the engine loaded itself (`judge.cpu_kernels`).
+- **oneDNN linear layers on CPU** for models the engine loaded itself (`rlaif.judge.cpu_kernels`).
 - Masks come from lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS, which also
   occurs inside chat prompts).
 
@@ -49,8 +49,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from judge.cpu_kernels import use_onednn_linears
-from judge.engines.base import (
+from rlaif.judge.cpu_kernels import use_onednn_linears
+from rlaif.judge.engines.base import (
     EngineError,
     GenerationParams,
     check_labels,
@@ -60,9 +60,9 @@ from judge.engines.base import (
     tokenizer_special_tokens,
     vocab_following_texts,
 )
-from judge.engines.exactness import SharingSupport, prefix_sharing_support
-from judge.models import load_causal_lm, model_fingerprint, module_fingerprint
-from judge.types import ChatPrompt
+from rlaif.judge.engines.exactness import SharingSupport, prefix_sharing_support
+from rlaif.judge.models import load_causal_lm, model_fingerprint, module_fingerprint
+from rlaif.judge.types import ChatPrompt
 
 logger = logging.getLogger(__name__)
 

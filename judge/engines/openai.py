@@ -1,7 +1,7 @@
 """`OpenAIEngine`: judge and generate through any OpenAI-compatible HTTP server.
 
 One engine for `vllm serve`, llama.cpp's server, SGLang and hosted APIs. The judge needs
-log P(the reply is exactly the label) (`judge.engines.base`), which such servers expose only as
+log P(the reply is exactly the label) (`rlaif.judge.engines.base`), which such servers expose only as
 the top-k log-probs of each generated token, so `label_logprobs` is built on those:
 
 - **Request.** `max_tokens=2` at temperature 0 with `logprobs`: on `/chat/completions`
@@ -27,7 +27,7 @@ the top-k log-probs of each generated token, so `label_logprobs` is built on tho
 - **What a server cannot show.** The ending check sums the ending tokens *in the top-k*; ending
   tokens outside it are unseen, so P(exact label) is a lower bound (off by at most the top-k's
   missing mass, ~0 for a judge that answers with a label). A label token missing from the top-k
-  gets the floor log-prob of `judge.engines.base.missing_label_floor`. A server that refuses to
+  gets the floor log-prob of `rlaif.judge.engines.base.missing_label_floor`. A server that refuses to
   continue a reply (e.g. OpenAI's hosted API) shows only the first token: single-token labels that
   are no prefix of another label are then scored with P(end) = 1, and a label set that needs
   more (multi-token or prefix labels) raises `EngineError` naming `endpoint="completions"`.
@@ -64,15 +64,15 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from judge.cache import cache_key
-from judge.engines.base import (
+from rlaif.judge.cache import cache_key
+from rlaif.judge.engines.base import (
     EngineError,
     GenerationParams,
     TopCandidate,
     exact_label_scores,
     missing_label_floor,
 )
-from judge.types import ChatPrompt
+from rlaif.judge.types import ChatPrompt
 
 __all__ = ["OpenAIEngine", "missing_label_floor", "normalize_token", "top_logprobs_at", "label_log_scores"]
 
@@ -223,7 +223,7 @@ class OpenAIEngine:
         tokenizer = self._local_tokenizer()
         if tokenizer is None:
             return tuple(self._server().get("special_tokens", ()))
-        from judge.engines.base import tokenizer_special_tokens
+        from rlaif.judge.engines.base import tokenizer_special_tokens
 
         return tokenizer_special_tokens(tokenizer)
 

@@ -7,7 +7,7 @@ project is developed and tested on. This module is written against vLLM's docume
 `HFEngine` through a stand-in `vllm` module backed by transformers (tests/test_engine_agreement.py),
 which checks our use of those fields, not vLLM itself.
 
-How labels are scored (the project's one label semantics, `judge.engines.base`: log P(the reply is
+How labels are scored (the project's one label semantics, `rlaif.judge.engines.base`: log P(the reply is
 exactly the label)), with ordinary generation requests only, so vLLM's prefix cache serves every
 one of them:
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from judge.engines.base import (
+from rlaif.judge.engines.base import (
     EngineError,
     GenerationParams,
     check_labels,
@@ -44,7 +44,7 @@ from judge.engines.base import (
     tokenizer_special_tokens,
     vocab_following_texts,
 )
-from judge.types import ChatPrompt
+from rlaif.judge.types import ChatPrompt
 
 INSTALL_HINT = "vLLM is not installed: pip install 'rlaif[vllm]' on a CUDA machine"
 
@@ -191,7 +191,7 @@ def _as_logprobs(step: Any) -> dict[int, float]:
 
 def _model_identity(model: str) -> str:
     """Content fingerprint when the model's files are local (path or cached hub id), else the name."""
-    from judge.models import ModelNotFound, model_fingerprint
+    from rlaif.judge.models import ModelNotFound, model_fingerprint
 
     try:
         return model_fingerprint(model)

@@ -2,7 +2,7 @@
 
 `JudgeBackend` is the small seam both jobs program against, so the same job code runs with
 the judge in this process (`LocalJudge`: `PairwiseJudge`/`ScoreJudge` over an engine, with
-the SQLite judgment cache) or behind `rlaif serve` (`ServiceJudge`: `service.client.JudgeClient`,
+the SQLite judgment cache) or behind `rlaif serve` (`ServiceJudge`: `rlaif.service.client.JudgeClient`,
 whose server keeps its own cache and micro-batches requests).
 
 Models load lazily (`Models`): a finished job re-run to re-filter or re-export never loads a
@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
 
 if TYPE_CHECKING:  # pragma: no cover
-    from judge.cache import JudgmentCache
-    from judge.engines.base import Engine
-    from judge.labeling.config import _JobConfig
+    from rlaif.judge.cache import JudgmentCache
+    from rlaif.judge.engines.base import Engine
+    from rlaif.judge.labeling.config import _JobConfig
 
 
 class JudgeBackend(Protocol):
@@ -51,7 +51,7 @@ class LocalJudge:
 
     def pairwise(self, items: Sequence[PairwiseItem]) -> list[PairwiseJudgment]:
         if self._pairwise is None:
-            from judge.judges import PairwiseJudge
+            from rlaif.judge.judges import PairwiseJudge
 
             assert self._pairwise_rubric is not None, "this job has no pairwise rubric"
             self._pairwise = PairwiseJudge(self.engine, self._pairwise_rubric, mode=self._mode,  # type: ignore[arg-type]
@@ -60,7 +60,7 @@ class LocalJudge:
 
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreJudgment]:
         if self._score is None:
-            from judge.judges import ScoreJudge
+            from rlaif.judge.judges import ScoreJudge
 
             assert self._score_rubric is not None, "this job has no score rubric"
             self._score = ScoreJudge(self.engine, self._score_rubric, mode=self._mode,  # type: ignore[arg-type]
@@ -69,7 +69,7 @@ class LocalJudge:
 
 
 class ServiceJudge:
-    """A remote judge (`rlaif serve`) through `service.client.JudgeClient`.
+    """A remote judge (`rlaif serve`) through `rlaif.service.client.JudgeClient`.
 
     The client splits big calls into requests of at most `max_items` items (kept under the
     server's limit) and retries 429/503 with backoff; the server's micro-batcher merges them.
@@ -94,7 +94,7 @@ class ServiceJudge:
 
 
 def _as(model: type, value: object):
-    """The client returns `judge.types` models; revalidate anything else (a different client version)."""
+    """The client returns `rlaif.judge.types` models; revalidate anything else (a different client version)."""
     if isinstance(value, model):
         return value
     return model.model_validate(value if isinstance(value, dict) else value.model_dump())  # type: ignore[attr-defined]
@@ -122,7 +122,7 @@ class Models:
             if self._judge_engine is not None and self.config.policy == self.config.engine and self.config.judge_url is None:
                 self._policy = self._judge_engine
             else:
-                from judge.engines import build_engine
+                from rlaif.judge.engines import build_engine
 
                 self._policy = build_engine(self.config.policy)
         return self._policy
@@ -136,7 +136,7 @@ class Models:
     def _build_judge(self) -> JudgeBackend:
         config = self.config
         if config.judge_url is not None:
-            from service.client import JudgeClient  # optional path: only jobs that name a service import it
+            from rlaif.service.client import JudgeClient  # optional path: only jobs that name a service import it
 
             client = JudgeClient(config.judge_url, api_key=config.api_key, timeout=config.timeout,
                                  max_items=config.request_batch_size)
@@ -147,11 +147,11 @@ class Models:
             if self._policy is not None and config.policy == config.engine:
                 self._judge_engine = self._policy
             else:
-                from judge.engines import build_engine
+                from rlaif.judge.engines import build_engine
 
                 self._judge_engine = build_engine(config.engine)
         if not config.no_cache:
-            from judge.cache import JudgmentCache
+            from rlaif.judge.cache import JudgmentCache
 
             self._cache = JudgmentCache(config.cache_path or config.out / "judgments.sqlite")
         return LocalJudge(self._judge_engine, pairwise_rubric=self._pairwise_rubric, score_rubric=self._score_rubric,

@@ -14,7 +14,7 @@ one. Two ways to pick:
 
 The output has TRL's prompt-completion columns (`prompt`, `completion`) and a conversational
 `messages` column (prompt turns + the kept response), so it feeds `SFTTrainer` either way.
-Resumability and determinism are the same as `rlaif label` (see `judge.labeling.job`).
+Resumability and determinism are the same as `rlaif label` (see `rlaif.judge.labeling.job`).
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from judge.labeling.backends import JudgeBackend, Models
-from judge.labeling.card import describe, histogram, markdown_table, render_card
-from judge.labeling.config import BestOfNConfig
-from judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, chat_of, ensure_responses,
+from rlaif.judge.labeling.backends import JudgeBackend, Models
+from rlaif.judge.labeling.card import describe, histogram, markdown_table, render_card
+from rlaif.judge.labeling.config import BestOfNConfig
+from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, chat_of, ensure_responses,
                                 load_source, make_batches, open_job, progress_bar, rubric_identity, time_stats,
                                 write_outputs, write_text)
-from judge.labeling.pairs import knockout_round
-from judge.labeling.store import ProgressStore
-from judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment, low_label_mass_warning
+from rlaif.judge.labeling.pairs import knockout_round
+from rlaif.judge.labeling.store import ProgressStore
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment, low_label_mass_warning
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
 
-    from judge.engines.base import Engine
+    from rlaif.judge.engines.base import Engine
 
 SCORE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

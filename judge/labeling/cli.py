@@ -15,7 +15,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from judge.cli import CachePathOpt, NoCacheOpt, UserError, print_json, user_errors
+from rlaif.judge.cli import CachePathOpt, NoCacheOpt, UserError, print_json, user_errors
 
 _ConfigT = TypeVar("_ConfigT")
 
@@ -83,8 +83,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample N responses per prompt, judge pairs, write a TRL preference dataset (prompt/chosen/rejected)."""
         with user_errors():
-            from judge.labeling.config import LabelConfig
-            from judge.labeling.label import command_line, run_label
+            from rlaif.judge.labeling.config import LabelConfig
+            from rlaif.judge.labeling.label import command_line, run_label
 
             config = _config(LabelConfig,
                 prompts=prompts, out=out, prompt_column=prompt_column, limit=limit, policy=policy, n=n, pairs=pairs,  # type: ignore[arg-type]
@@ -125,9 +125,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rejection sampling: sample N responses per prompt, keep the judge's best as an SFT dataset."""
         with user_errors():
-            from judge.labeling.best_of_n import run_best_of_n
-            from judge.labeling.config import BestOfNConfig
-            from judge.labeling.label import command_line
+            from rlaif.judge.labeling.best_of_n import run_best_of_n
+            from rlaif.judge.labeling.config import BestOfNConfig
+            from rlaif.judge.labeling.label import command_line
 
             config = _config(BestOfNConfig,
                 prompts=prompts, out=out, prompt_column=prompt_column, limit=limit, policy=policy, n=n,
@@ -170,6 +170,6 @@ def _service_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] in {"httpx", "service"}:
+        if type(exc).__module__.split(".")[0] == "httpx" or type(exc).__module__.startswith("rlaif.service"):
             raise UserError(f"judge service: {exc}") from None
         raise

@@ -63,7 +63,7 @@ class _JobConfig(BaseModel):
     @field_validator("policy", "engine")
     @classmethod
     def _engine_spec(cls, spec: str) -> str:
-        from judge.engines import parse_engine_spec
+        from rlaif.judge.engines import parse_engine_spec
 
         parse_engine_spec(spec)  # raises ValueError listing the accepted forms
         return spec

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from judge.labeling.config import _JobConfig
-from judge.labeling.pairs import derive_seed
-from judge.labeling.store import STORE_FILE, ProgressStore, ResumeConflict
+from rlaif.judge.labeling.config import _JobConfig
+from rlaif.judge.labeling.pairs import derive_seed
+from rlaif.judge.labeling.store import STORE_FILE, ProgressStore, ResumeConflict
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset, Features
 
-    from judge.data import PromptRecord
-    from judge.labeling.backends import Models
-    from judge.types import ChatPrompt
+    from rlaif.judge.data import PromptRecord
+    from rlaif.judge.labeling.backends import Models
+    from rlaif.judge.types import ChatPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,14 @@ class Source:
 
 
 def load_source(config: _JobConfig) -> Source:
-    """Load prompts with `judge.data.load_prompts`; with `responses_from`, join the response columns by id.
+    """Load prompts with `rlaif.judge.data.load_prompts`; with `responses_from`, join the response columns by id.
 
     Each response column is read with the same loader (`column=<name>`), which keeps one
     reader for every format; rows are joined on the record id. A prompt missing any of its
     responses is left out and counted. A chat-formatted response cell yields its last
     assistant message.
     """
-    from judge.data import load_prompts
+    from rlaif.judge.data import load_prompts
 
     prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit)
     if not prompts:
@@ -113,7 +113,7 @@ def rubric_identity(rubric: str, judge_url: str | None) -> str:
     it), the bare id for a service (the server owns its rubrics)."""
     if judge_url is not None:
         return rubric
-    from judge.rubric import load_rubric
+    from rlaif.judge.rubric import load_rubric
 
     loaded = load_rubric(rubric)
     return f"{loaded.id}@{loaded.version}:{loaded.fingerprint}"
@@ -211,7 +211,7 @@ def ensure_responses(store: ProgressStore, models: Models, config: _JobConfig, s
         responses = {i: source.responses[i] for i in indices}
         store.save_responses(batch, responses, 0.0, fresh=False)
         return responses
-    from judge.engines.base import GenerationParams
+    from rlaif.judge.engines.base import GenerationParams
 
     n: int = config.n  # type: ignore[attr-defined]
     params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,

@@ -6,7 +6,7 @@ prompts:
 
 1. `generate`: N samples per prompt from the policy (or the source's response columns);
 2. `scores` (only `--pairs best-worst --ranking score`): one direct score per sample;
-3. `pairs`: the pairwise judgments this strategy needs (see `judge.labeling.pairs`),
+3. `pairs`: the pairwise judgments this strategy needs (see `rlaif.judge.labeling.pairs`),
    both presentation orders each.
 
 Each stage is committed to the progress store as soon as it finishes; the dataset is then
@@ -16,7 +16,7 @@ response and `judge_prob` = P(chosen better) >= 0.5, and the filters (identical 
 
 Usage:
 
-    from judge.labeling import LabelConfig, run_label
+    from rlaif.judge.labeling import LabelConfig, run_label
     summary = run_label(LabelConfig(prompts="data/prompts/mt_bench_questions.jsonl", out="runs/mt", n=4))
 """
 
@@ -29,20 +29,20 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from judge.labeling.backends import JudgeBackend, Models
-from judge.labeling.card import describe, histogram, markdown_table, render_card
-from judge.labeling.config import LabelConfig
-from judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, ensure_responses,
+from rlaif.judge.labeling.backends import JudgeBackend, Models
+from rlaif.judge.labeling.card import describe, histogram, markdown_table, render_card
+from rlaif.judge.labeling.config import LabelConfig
+from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, ensure_responses,
                                 load_source, make_batches, open_job, progress_bar, rubric_identity, time_stats,
                                 write_outputs, write_text)
-from judge.labeling.pairs import all_pairs, orient, random_pair, rank_by_wins
-from judge.labeling.store import ProgressStore
-from judge.types import PairwiseItem, PairwiseJudgment, Preference, ScoreItem, low_label_mass_warning
+from rlaif.judge.labeling.pairs import all_pairs, orient, random_pair, rank_by_wins
+from rlaif.judge.labeling.store import ProgressStore
+from rlaif.judge.types import PairwiseItem, PairwiseJudgment, Preference, ScoreItem, low_label_mass_warning
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
 
-    from judge.engines.base import Engine
+    from rlaif.judge.engines.base import Engine
 
 LAST_STAGE = "pairs"
 PROB_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -192,7 +192,7 @@ def build_rows(store: ProgressStore, config: LabelConfig, source: Source, batche
 
 def _row(config: LabelConfig, source: Source, prompt_index: int, texts: list[str], oriented, judgment: PairwiseJudgment,
          policy_model: str | None) -> dict:
-    from judge.labeling.job import chat_of
+    from rlaif.judge.labeling.job import chat_of
 
     record = source.prompts[prompt_index]
     chosen, rejected = texts[oriented.chosen], texts[oriented.rejected]

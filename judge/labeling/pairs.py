@@ -25,7 +25,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from judge.types import PairwiseJudgment
+from rlaif.judge.types import PairwiseJudgment
 
 
 def derive_seed(seed: int, *parts: object) -> int:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from judge.cache import cache_key
+from rlaif.judge.cache import cache_key
 
 STORE_FILE = "progress.sqlite"
 SCHEMA_VERSION = "1"

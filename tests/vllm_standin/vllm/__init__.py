@@ -1,4 +1,4 @@
-"""A stand-in for the parts of vLLM's offline API that `judge.engines.vllm.VLLMEngine` uses, backed by transformers.
+"""A stand-in for the parts of vLLM's offline API that `rlaif.judge.engines.vllm.VLLMEngine` uses, backed by transformers.
 
 **A mock of something that cannot run here**: vLLM needs CUDA and cannot be installed on the CPU
 machines this project is tested on. It implements, with the documented field names and shapes,
