@@ -94,16 +94,43 @@ def plain_checkpoint(output_dir: str | Path | None = None, *, overwrite: bool = 
     Done once and cached under `cache_root()/plain/SmolLM2-135M-Instruct`; later calls return
     the path immediately. The result is an ordinary checkpoint that `Trainer`, TRL, peft and
     our PPO trainer can fine-tune, and that loads several times faster than the GGUF file.
-    The write goes to a temporary folder renamed at the end, so an interrupted run never
-    leaves a half-written checkpoint behind.
     """
     target = Path(output_dir) if output_dir else cache_root() / "plain" / DEFAULT_MODEL_NAME
+    return dequantize_gguf(default_gguf_path(), target, overwrite=overwrite)
+
+
+def plain_gguf_checkpoint(gguf: str | Path) -> Path:
+    """The cached plain checkpoint of a GGUF file (made on first use), keyed by the file's content hash.
+
+    Loading a GGUF through transformers dequantizes it on every start (about 2 minutes and 9 GB peak
+    for a 1.5B model); the plain folder loads in seconds and is what `hf:<file>.gguf` runs."""
+    path = Path(gguf)
+    if not path.is_file():
+        raise ModelNotFound(f"GGUF file not found: {path}")
+    memo = _FileHashMemo(cache_root() / "fingerprints.sqlite")
+    try:
+        digest = memo.sha256(path)[:12]
+    finally:
+        memo.close()
+    return dequantize_gguf(path, cache_root() / "plain" / f"{path.stem}-{digest}")
+
+
+def dequantize_gguf(gguf: str | Path, target: str | Path, *, overwrite: bool = False) -> Path:
+    """Turn any GGUF file transformers can read into a plain fp32 checkpoint folder (weights + tokenizer).
+
+    GGUF-loaded models are flagged as quantized, which makes optimizers refuse them and every load
+    dequantize again (minutes for a 1.5B model); the plain folder loads in seconds, can be trained,
+    and is what `hf:<folder>` should point at. The write goes to a temporary folder renamed at the
+    end, so an interrupted run never leaves a half-written checkpoint; a finished one is reused.
+    """
+    gguf, target = Path(gguf), Path(target)
     marker = target / ".complete"
     if marker.is_file() and not overwrite:
         return target
+    if not gguf.is_file():
+        raise ModelNotFound(f"GGUF file not found: {gguf}")
     from transformers import AutoModelForCausalLM
 
-    gguf = default_gguf_path()
     logger.info("Dequantizing %s into a plain checkpoint at %s (one time)", gguf.name, target)
     tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -372,3 +372,16 @@ def test_plan_batches_cases():
     assert _plan_batches([10, 10, 10, 500], 16, 10_000, 32) == [(0, 3), (3, 4)]
     # A single row wider than the token budget is still allowed alone.
     assert _plan_batches([5000], 16, 100, 32) == [(0, 1)]
+
+
+def test_a_gguf_spec_runs_its_dequantized_weights(default_engine):
+    """`hf:<file>.gguf` dequantizes once into the cache: same weights, so the same content fingerprint as `default`."""
+    from rlaif.judge.engines import build_engine
+    from rlaif.judge.models import default_gguf_path
+
+    engine = build_engine(f"hf:{default_gguf_path()}")
+    assert engine.model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert engine.engine_id.split("#")[1] == default_engine.engine_id.split("#")[1]
+    prompt = [[{"role": "user", "content": "Answer A or B."}]]
+    np.testing.assert_allclose(engine.label_logprobs(prompt, ["A", "B"]), default_engine.label_logprobs(prompt, ["A", "B"]),
+                               atol=TOL)

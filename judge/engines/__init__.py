@@ -5,7 +5,8 @@ Engine specs are strings so the CLI, YAML configs and service settings all speak
 | spec | engine |
 |---|---|
 | `default` | the embedded SmolLM2-135M-Instruct (HFEngine on a dequantized copy of the GGUF) |
-| `hf:<model id or path>[?gguf_file=F&device=cuda&dtype=bf16&max_batch_size=N]` | `HFEngine` |
+| `hf:<model id or path>[?device=cuda&dtype=bf16&max_batch_size=N]` | `HFEngine` |
+| `hf:<file>.gguf[?dtype=bf16]` | `HFEngine` on the GGUF's weights, dequantized once into `$RLAIF_CACHE_DIR/plain/` |
 | `openai:<base_url>#<model>[?api_key_env=VAR]` | `OpenAIEngine` (vLLM serve, llama.cpp server, SGLang, hosted APIs) |
 | `vllm:<model>[?tensor_parallel_size=N&...]` | `VLLMEngine` (needs the `[vllm]` extra and a GPU; untested here) |
 
@@ -14,6 +15,7 @@ Options after `?` are engine keyword arguments (`default?device=cuda` works too)
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 from rlaif.judge.engines.base import Engine, EngineError, GenerationParams
@@ -102,6 +104,11 @@ def build_engine(spec: str = "default") -> Engine:
     if backend == "hf":
         from rlaif.judge.engines.hf import HFEngine
 
+        if target.endswith(".gguf") and "gguf_file" not in options:
+            from rlaif.judge.models import plain_gguf_checkpoint
+
+            # A GGUF file: dequantize once into the cache, then load the plain folder (seconds, trainable).
+            return HFEngine(plain_gguf_checkpoint(target), name=Path(target).stem, **options)  # type: ignore[arg-type]
         return HFEngine(target, **options)  # type: ignore[arg-type]
     if backend == "openai":
         from rlaif.judge.engines.openai import OpenAIEngine
