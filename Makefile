@@ -1,12 +1,19 @@
 # Two entry points, both self-installing (see README "Quick start"):
 #   make serve   install runtime deps + the embedded model, start the judge service on 127.0.0.1:8000
-#   make test    install runtime + dev deps, run the whole test suite
+#   make test    install runtime + dev deps, `make lint`, run the whole test suite
+#   make lint    ruff, import-linter (the layers of README "Layout") and mypy; about a minute warm
+#
+# mypy and import-linter read `.make/typecheck/`, the installed layout (`rlaif.judge` -> judge/, ...)
+# rebuilt as a tree of file symlinks by .ci/link_tree.py on every run: the source tree alone has
+# no `rlaif/judge/` folder, and the developer's editable install stays as it is.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP_DIR := .make
 PORT ?= 8000
 
-.PHONY: install install-dev serve test judge-example clean
+TYPECHECK := .make/typecheck
+
+.PHONY: install install-dev serve test lint judge-example clean
 
 $(STAMP_DIR)/install: pyproject.toml constraints.txt
 	@mkdir -p $(STAMP_DIR)
@@ -31,7 +38,14 @@ judge-example: install
 	rlaif judge pairwise --prompt "What is the capital of France?" \
 		--response-a "The capital of France is Paris." --response-b "France is a country in Europe."
 
-test: install-dev
+lint: install-dev
+	$(PYTHON) -m ruff check .
+	$(PYTHON) .ci/link_tree.py
+	cd $(TYPECHECK) && $(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; \
+		sys.argv[1:] = ['--no-cache', '../../pyproject.toml']; sys.exit(lint_imports_command())"
+	cd $(TYPECHECK) && $(PYTHON) -m mypy --config-file ../../pyproject.toml -p rlaif
+
+test: install-dev lint
 	$(PYTHON) -m pytest -q --timeout=900
 
 clean:

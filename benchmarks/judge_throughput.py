@@ -142,7 +142,7 @@ class NativeLlamaCppServer:
         import httpx
 
         from rlaif.judge.models import default_gguf_path
-        from tests.conftest import free_port
+        from rlaif.judge.engines.llamacpp_server import free_port
 
         port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llamacpp-native-", suffix=".log", delete=False)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         if "llamacpp-native" in methods:
             native = NativeLlamaCppServer(args.native_python, args.threads)
         if any(m in ("llamacpp-cache", "llamacpp-nocache") for m in methods):
-            from tests.llamacpp import start_llamacpp_server
+            from rlaif.judge.engines.llamacpp_server import start_llamacpp_server
 
             server = start_llamacpp_server(threads=args.threads, parallel=1, cache_ram_mib=0)
         for method in methods:

@@ -40,6 +40,14 @@ Run (quietly: other CPU load inflates both sides, not necessarily equally):
     python benchmarks/ppo_step.py --skip-trl          # only rlaif's sides
     python benchmarks/ppo_step.py --sides rlaif-shared trl --threads 1
 
+Before/after a change, in the same run (the machine's load then hits both alike): install the
+old version of the package somewhere and pass it as `--baseline`; the `@baseline` sides run it
+in their own processes (its `rlaif` package comes first on their path) and each rlaif side is
+reported against its baseline:
+
+    git archive <old-commit> | tar -x -C /tmp/old && pip install --no-deps --target /tmp/old-site /tmp/old
+    python benchmarks/ppo_step.py --runs 3 --sides rlaif trl --baseline /tmp/old-site
+
 The TRL side imports only torch/transformers/datasets/trl (never this repository's packages),
 so it runs under the other interpreter as `benchmarks/ppo_step.py --side trl ...`.
 """
@@ -59,8 +67,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRL_PYTHON = "/tmp/trl112/bin/python"
-SIDES = ("rlaif", "rlaif-shared", "trl")
-"""rlaif with a separate critic (TRL 1.12's layout), rlaif with the shared-trunk critic, TRL 1.12."""
+SIDES = ("rlaif", "rlaif-shared", "trl", "rlaif@baseline", "rlaif-shared@baseline")
+"""rlaif with a separate critic (TRL 1.12's layout), rlaif with the shared-trunk critic, TRL 1.12, and the two
+rlaif sides run from `--baseline` (another version of this package, e.g. before a change)."""
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain in detail how a bicycle's gears make climbing hills easier.",
@@ -112,7 +121,6 @@ def run_ours(plain: Path, reward_model: Path, warmup: int, updates: int, threads
     from transformers import AutoModelForSequenceClassification
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(REPO))
     from rlaif.judge.models import load_tokenizer
     from rlaif.policy_training.config import PPOConfig
     from rlaif.policy_training.ppo import PPOTrainer
@@ -144,8 +152,12 @@ def run_ours(plain: Path, reward_model: Path, warmup: int, updates: int, threads
                 times.append(elapsed)
                 cpu.append(cpu_elapsed)
                 tokens.append(record["response_length"] * BATCH)
-                parts.append({"generation_s": record["generation_s"], "reward_s": record["reward_latency_s"]})
+                parts.append({"generation_s": record["generation_s"], "reward_s": record["reward_latency_s"],
+                              # phases a trainer before they were logged does not report
+                              "rollout_forward_s": record.get("rollout_forward_s"), "update_s": record.get("update_s")})
     side = "rlaif" if value_model == "separate" else "rlaif-shared"
+    if os.environ.get("RLAIF_BENCH_BASELINE"):
+        side += "@baseline"
     return {"side": side, "step_s": times, "cpu_s": cpu, "tokens": tokens, "parts": parts}
 
 
@@ -223,6 +235,9 @@ def run_side(python: str, side: str, plain: Path, reward_model: Path, args: argp
                "--threads", str(args.threads), "--result", result_path]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": "" if side == "trl" else str(REPO)}
+    if side.endswith("@baseline"):
+        # The baseline's `rlaif` package shadows the editable install: sys.path entries come before its finder.
+        env.update(PYTHONPATH=str(args.baseline), RLAIF_BENCH_BASELINE="1")
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} side failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -236,10 +251,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = [t for r in results for t in r["tokens"]]
     rates = [t / s for r in results for t, s in zip(r["tokens"], r["step_s"])]
     cpu = [c for r in results for c in r["cpu_s"]]
+    parts = [p for r in results for p in r.get("parts", [])]
+    phases = {k: statistics.median(p[k] for p in parts) for k in (parts[0] if parts else {})
+              if all(p.get(k) is not None for p in parts)}
     return {"median_step_s": statistics.median(steps), "min_step_s": min(steps), "max_step_s": max(steps),
             "median_cpu_s": statistics.median(cpu),
             "median_tokens_per_s": statistics.median(rates), "mean_response_tokens": sum(tokens) / len(tokens) / BATCH,
-            "updates_timed": len(steps)}
+            "updates_timed": len(steps), "median_phase_s": phases}
 
 
 def main() -> None:
@@ -251,10 +269,13 @@ def main() -> None:
     parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="Interpreter of the TRL 1.12 venv.")
     parser.add_argument("--skip-trl", action="store_true", help="Time only rlaif's trainer.")
     parser.add_argument("--json-out", type=Path, help="Also write all results here.")
+    parser.add_argument("--baseline", type=Path, help=(
+        "A directory holding another version of the `rlaif` package (`pip install --no-deps --target DIR <tree>`, "
+        "e.g. of the commit before a change); adds the `@baseline` sides, timed in the same run."))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rlaif-ppo-bench")
     # internal: one side in a child process
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
-                        help="Which trainers to time (default: all three).")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES[:3]),
+                        help="Which trainers to time (default: rlaif, rlaif-shared, trl; --baseline adds theirs).")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reward-model", type=Path, help=argparse.SUPPRESS)
@@ -266,7 +287,7 @@ def main() -> None:
             result = run_trl(args.plain, args.reward_model, args.warmup, args.updates, args.threads)
         else:
             result = run_ours(args.plain, args.reward_model, args.warmup, args.updates, args.threads,
-                              value_model="shared" if args.side == "rlaif-shared" else "separate")
+                              value_model="shared" if args.side.startswith("rlaif-shared") else "separate")
         args.result.write_text(json.dumps(result))
         return
 
@@ -277,6 +298,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     reward_model = build_reward_model(plain, args.workdir / "reward_model")
     sides = [s for s in SIDES if s in args.sides and not (s == "trl" and args.skip_trl)]
+    if args.baseline is not None:
+        sides += [f"{s}@baseline" for s in sides if s in ("rlaif", "rlaif-shared") and f"{s}@baseline" not in sides]
+    else:
+        sides = [s for s in sides if not s.endswith("@baseline")]
     if "trl" in sides and not Path(args.trl_python).is_file():
         sys.exit(f"no TRL interpreter at {args.trl_python}; create the venv (see this script's docstring) "
                  f"or pass --trl-python / --skip-trl")
@@ -289,8 +314,12 @@ def main() -> None:
             results[side].append(result)
             print(f"run {run + 1}/{args.runs} {side}: " + ", ".join(f"{s:.1f}s" for s in result["step_s"]), flush=True)
     summary = {side: summarize(r) for side, r in results.items() if r}
+    for side in ("rlaif", "rlaif-shared"):
+        if side in summary and f"{side}@baseline" in summary:
+            summary[side]["step_ratio_vs_baseline"] = (summary[side]["median_step_s"]
+                                                       / summary[f"{side}@baseline"]["median_step_s"])
     if "trl" in summary:
-        for side in ("rlaif", "rlaif-shared"):
+        for side in ("rlaif", "rlaif-shared", "rlaif@baseline", "rlaif-shared@baseline"):
             if side in summary:
                 summary[side]["step_ratio_vs_trl"] = summary[side]["median_step_s"] / summary["trl"]["median_step_s"]
                 summary[side]["cpu_ratio_vs_trl"] = summary[side]["median_cpu_s"] / summary["trl"]["median_cpu_s"]
@@ -299,13 +328,15 @@ def main() -> None:
                           "warmup": args.warmup, "cpu_count": os.cpu_count(),
                           "load_avg_1m_at_end": os.getloadavg()[0]}
     print(json.dumps(summary, indent=2))
-    print("\n| trainer | s / update (median) | CPU s / update | generated tokens / s | mean response tokens | vs TRL |")
-    print("|---|---|---|---|---|---|")
+    print("\n| trainer | s / update (median) | CPU s / update | generated tokens / s | mean response tokens | vs TRL "
+          "| vs baseline |")
+    print("|---|---|---|---|---|---|---|")
     for side in sides:
         s = summary[side]
         ratio = f"{s['step_ratio_vs_trl']:.2f}x" if "step_ratio_vs_trl" in s else "-"
+        base = f"{s['step_ratio_vs_baseline']:.2f}x" if "step_ratio_vs_baseline" in s else "-"
         print(f"| {side} | {s['median_step_s']:.1f} | {s['median_cpu_s']:.1f} | {s['median_tokens_per_s']:.1f} | "
-              f"{s['mean_response_tokens']:.1f} | {ratio} |")
+              f"{s['mean_response_tokens']:.1f} | {ratio} | {base} |")
     if args.json_out:
         args.json_out.write_text(json.dumps({"summary": summary, "results": results}, indent=2))
 

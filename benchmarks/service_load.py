@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,12 +81,6 @@ def in_process(engine_spec: str, kind: str, items: list[dict[str, str]], batch_s
     for start in range(0, len(typed), batch_size):
         judge.judge(typed[start:start + batch_size])
     return len(typed) / (time.perf_counter() - started)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
@@ -187,6 +180,8 @@ def main() -> None:
 
     print(f"in-process baseline on {len(items)} items ...", file=sys.stderr, flush=True)
     before = in_process(args.engine, args.kind, items, args.max_batch_size)
+    from rlaif.judge.engines.llamacpp_server import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port)

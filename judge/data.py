@@ -3,9 +3,10 @@
 Human preference files measure how often the judge agrees with people (the RLAIF paper's
 "AI labeler alignment", §4.1); prompt sets feed labeling runs, policy rollouts and win-rate
 evaluation. Every loader returns typed records (`PreferenceExample`, `PromptRecord`) so the
-rest of the code never touches a raw dict or a dataset's own field names.
+rest of the code never touches a raw dict or a dataset's own field names. (Over 500 lines:
+one small reader per public format, kept side by side so the format detection reads as a table.)
 
-Preference formats, detected from the fields of the first row (see /work/shared/data/README.md):
+Preference formats, detected from the fields of the first row (the formats of the public sets sliced in tests/data/, see tests/data/LICENSES.md):
 
 - PandaLM (`instruction`, `input`, `response1`, `response2`, `annotator1..3` in {0 tie, 1, 2}):
   the majority of the three annotators decides; rows whose majority is a tie, or that have
@@ -496,7 +497,8 @@ def _detect_prompt_column(record: Mapping[str, Any], path: Path) -> tuple[list[s
     if "prompt" in record:
         return ["prompt"], False  # arena-hard, TRL prompt datasets
     raise ValueError(f"{path}: cannot tell which field holds the prompt among {sorted(record)}; "
-                     f"pass column=..., e.g. column='question' or column='turns[0]'")
+                     "choose it with --prompt-column (column= in Python), e.g. --prompt-column question or "
+                     "--prompt-column 'turns[0]'")
 
 
 def _first_instance_input(record: Mapping[str, Any]) -> str:
@@ -547,7 +549,8 @@ def load_prompts(source: str | Path, column: str | None = None, limit: int | Non
                 text = text + INPUT_SEPARATOR + extra
         else:
             raise ValueError(f"{path}: row {row}: the prompt field holds a {type(value).__name__}, expected a string or "
-                             f"a list of {{role, content}} messages; pick an element with column='name[0]'")
+                             f"a list of {{role, content}} messages; pick an element with --prompt-column 'name[0]' "
+                             "(column= in Python)")
         if not text.strip():
             skipped += 1
             continue

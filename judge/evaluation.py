@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from rlaif.judge.calibration import CalibrationReport, example_hash, held_out_report
 from rlaif.judge.data import PreferenceExample, load_preferences_with_stats
 from rlaif.judge.judges import PairwiseJudge
 from rlaif.judge.metrics import (accuracy, expected_calibration_error, plot_reliability_diagram, reliability_bins,
@@ -57,6 +58,8 @@ class EvalReport(BaseModel):
     judgments_per_second: float
     seconds: float
     reliability_plot: str | None = None
+    calibration: CalibrationReport | None = Field(None, description=(
+        "With --calibration: the metrics above are calibrated; this holds before/after on the held-out pairs."))
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -91,6 +94,11 @@ def evaluate(judge: PairwiseJudge, data: str | Path, *, limit: int | None = None
                      "dropped": {reason.value: count for reason, count in loaded.dropped.items()},
                      "rubric_id": judge.rubric.id, "engine": judge.engine.engine_id, "mode": judge.mode}
     report = report.model_copy(update=report_fields)
+    calibration = getattr(judge, "calibration", None)
+    if calibration is not None:
+        hashes = [example_hash(e.prompt, e.chosen, e.rejected) for e in examples]
+        held = held_out_report(calibration, judgments, [1.0 if a else 0.0 for a in chosen_is_a], hashes, judge.tie_margin)
+        report = report.model_copy(update={"calibration": held, "warnings": [*report.warnings, *held.warnings]})
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

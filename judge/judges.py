@@ -29,6 +29,7 @@ from typing import Generic, Literal, TypeVar
 import numpy as np
 
 from rlaif.judge.cache import JudgmentCache, cache_key
+from rlaif.judge.calibration import Calibration
 from rlaif.judge.engines.base import LABEL_SEMANTICS, Engine, GenerationParams, label_distribution
 from rlaif.judge.rubric import Rubric, RubricError, load_rubric
 from rlaif.judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
@@ -39,29 +40,38 @@ ItemT = TypeVar("ItemT", PairwiseItem, ScoreItem)
 ResultT = TypeVar("ResultT", PairwiseJudgment, ScoreJudgment)
 
 
+def check_judge_setup(kind: Literal["pairwise", "score", "checklist"], rubric: Rubric | str, mode: str, *,
+                      cot_samples: int | None = None) -> Rubric:
+    """The rubric, loaded and checked for a judge of `kind` in `mode`; needs no engine, so commands call it
+    before they load a model (a score rubric given to a pairwise command fails at once)."""
+    loaded = rubric if isinstance(rubric, Rubric) else load_rubric(rubric)
+    if loaded.kind != kind:
+        raise RubricError(f"{loaded.source}: rubric '{loaded.id}' is a {loaded.kind} rubric, but this needs a {kind} "
+                          f"rubric (the {loaded.kind} commands take {loaded.kind} rubrics; `rlaif judge rubrics` lists them)")
+    if mode not in ("logprob", "cot"):
+        raise ValueError(f"mode must be 'logprob' or 'cot', got {mode!r}")
+    if mode == "cot" and loaded.cot is None:
+        raise RubricError(f"{loaded.source}: rubric '{loaded.id}' has no 'cot' section, so mode=cot is unavailable")
+    samples = cot_samples or (loaded.cot.samples if loaded.cot else 1)
+    if mode == "cot" and samples > 1 and loaded.cot.temperature == 0:  # type: ignore[union-attr]
+        raise ValueError("self-consistency (cot samples > 1) needs cot.temperature > 0 in the rubric")
+    return loaded
+
+
 class _BatchJudge(Generic[ItemT, ResultT]):
     """Shared plumbing: rubric/mode checks, cache lookups, timings."""
 
-    kind: Literal["pairwise", "score"]
+    kind: Literal["pairwise", "score", "checklist"]
     result_type: type
 
     def __init__(self, engine: Engine, rubric: Rubric | str, *, mode: Mode = "logprob",
                  cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
         self.engine = engine
-        self.rubric = rubric if isinstance(rubric, Rubric) else load_rubric(rubric)
-        if self.rubric.kind != self.kind:
-            raise RubricError(f"{self.rubric.source}: rubric '{self.rubric.id}' is a {self.rubric.kind} rubric; "
-                              f"{type(self).__name__} needs a {self.kind} rubric")
-        if mode not in ("logprob", "cot"):
-            raise ValueError(f"mode must be 'logprob' or 'cot', got {mode!r}")
-        if mode == "cot" and self.rubric.cot is None:
-            raise RubricError(f"{self.rubric.source}: rubric '{self.rubric.id}' has no 'cot' section, so mode=cot is unavailable")
+        self.rubric = check_judge_setup(self.kind, rubric, mode, cot_samples=cot_samples)
         self.mode: Mode = mode
         self.cache = cache
         self.seed = seed
         self.cot_samples = cot_samples or (self.rubric.cot.samples if self.rubric.cot else 1)
-        if mode == "cot" and self.cot_samples > 1 and self.rubric.cot.temperature == 0:  # type: ignore[union-attr]
-            raise ValueError("self-consistency (cot samples > 1) needs cot.temperature > 0 in the rubric")
 
     # -- to be provided by subclasses
     def _judge_uncached(self, items: Sequence[ItemT], timings: Timings) -> list[ResultT]:
@@ -74,13 +84,20 @@ class _BatchJudge(Generic[ItemT, ResultT]):
                 "cot_samples": self.cot_samples if self.mode == "cot" else None}
 
     def item_key(self, item: ItemT) -> str:
-        return cache_key({**self._key_payload(), "item": item.model_dump()})
+        # exclude_none: an item without the optional fields added later (reference) keeps its old key.
+        return cache_key({**self._key_payload(), "item": item.model_dump(exclude_none=True)})
+
+    def check_items(self, items: Sequence[ItemT]) -> None:
+        """Refuse items the rubric would misjudge (a reference it never shows, none where it needs one)."""
+        for item in items:
+            self.rubric.check_item_fields(reference=item.reference)
 
     def judge(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Judge many items; cached ones skip the engine. Output order matches input order."""
         start = time.perf_counter()
         if not items:
             return []
+        self.check_items(items)
         keys = [self.item_key(item) for item in items]
         cached = self.cache.get_many(keys) if self.cache is not None else {}
         todo = [i for i, key in enumerate(keys) if key not in cached]
@@ -130,6 +147,7 @@ class _BatchJudge(Generic[ItemT, ResultT]):
         This is what a token budget must check *before* judging (the service's 413s)."""
         if not items:
             return []
+        self.check_items(items)
         prompts = self._prompts_for(items)
         counts = self.engine.prompt_token_counts(prompts)
         per_item = len(prompts) // len(items)
@@ -163,15 +181,27 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
 
     def __init__(self, engine: Engine, rubric: Rubric | str = "helpfulness", *, mode: Mode = "logprob",
                  tie_margin: float = 0.05, clamp: tuple[float, float] | None = None,
-                 cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
+                 cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None,
+                 calibration: Calibration | None = None) -> None:
         super().__init__(engine, rubric, mode=mode, cache=cache, seed=seed, cot_samples=cot_samples)
         if not 0.0 <= tie_margin < 0.5:
             raise ValueError("tie_margin must be in [0, 0.5)")
         self.tie_margin = tie_margin
         self.clamp = clamp if clamp is not None else self.rubric.clamp
+        if calibration is not None:  # fit on this engine, rubric text and mode, or refused (rlaif.judge.calibration)
+            calibration.check(engine_id=engine.engine_id, rubric_id=self.rubric.id, rubric_version=self.rubric.version,
+                              rubric_fingerprint=self.rubric.fingerprint, mode=mode)
+            # Raw verdicts come from an uncalibrated twin, so they (and their cache entries) are shared with
+            # uncalibrated judging and with other calibrations; calibrated verdicts are cached under their own key.
+            self._uncalibrated = PairwiseJudge(engine, self.rubric, mode=mode, tie_margin=tie_margin, clamp=self.clamp,
+                                               cache=cache, seed=seed, cot_samples=cot_samples)
+        self.calibration = calibration
 
     def _key_payload(self) -> dict[str, object]:
-        return {**super()._key_payload(), "tie_margin": self.tie_margin, "clamp": self.clamp}
+        payload = {**super()._key_payload(), "tie_margin": self.tie_margin, "clamp": self.clamp}
+        if self.calibration is not None:  # only when set, so uncalibrated keys stay what they were
+            payload["calibration"] = self.calibration.id
+        return payload
 
     def _layout(self, items: Sequence[PairwiseItem]) -> tuple[list[ChatPrompt], list[tuple[int, int]], list[list[str | None]]]:
         """Every engine prompt of a batch: item-major, then order (ab, ba), then principle.
@@ -188,7 +218,7 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
                 first, second = (item.response_a, item.response_b) if order == 0 else (item.response_b, item.response_a)
                 for principle in principles[i]:
                     prompts.append(render(prompt=item.prompt, response_a=first, response_b=second, principle=principle,
-                                          **extra))
+                                          reference=item.reference, **extra))
                     owners.append((i, order))
         return prompts, owners, principles
 
@@ -196,6 +226,9 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
         return self._layout(items)[0]
 
     def _judge_uncached(self, items: Sequence[PairwiseItem], timings: Timings) -> list[PairwiseJudgment]:
+        if self.calibration is not None:
+            raw = self._uncalibrated.judge(items)
+            return [self.calibration.apply(j.model_copy(update={"cached": False}), self.tie_margin) for j in raw]
         prompts, owners, principles = self._layout(items)
         probs, mass, rationales = self._label_distributions(prompts, timings)  # (P, 2), (P,)
         prob_first = np.zeros((len(items), 2))
@@ -246,12 +279,15 @@ class ScoreJudge(_BatchJudge[ScoreItem, ScoreJudgment]):
     def __init__(self, engine: Engine, rubric: Rubric | str = "score-1-10", *, mode: Mode = "logprob",
                  cache: JudgmentCache | None = None, seed: int = 0, cot_samples: int | None = None) -> None:
         super().__init__(engine, rubric, mode=mode, cache=cache, seed=seed, cot_samples=cot_samples)
+        if self.rubric.uses_criteria:
+            raise RubricError(f"rubric '{self.rubric.id}' shows a per-item checklist (`criteria`); judge with "
+                              "rlaif.judge.checklist.ChecklistJudge(checklist_mode='implicit') instead of ScoreJudge")
         self.values = np.asarray(self.rubric.label_values, dtype=np.float64)
 
     def _prompts_for(self, items: Sequence[ScoreItem]) -> list[ChatPrompt]:
         render: Callable[..., ChatPrompt] = self.rubric.render_cot if self.mode == "cot" else self.rubric.render
         extra = self._render_kwargs()
-        return [render(prompt=item.prompt, response=item.response, **extra) for item in items]
+        return [render(prompt=item.prompt, response=item.response, reference=item.reference, **extra) for item in items]
 
     def _judge_uncached(self, items: Sequence[ScoreItem], timings: Timings) -> list[ScoreJudgment]:
         prompts = self._prompts_for(items)

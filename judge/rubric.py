@@ -40,7 +40,7 @@ class RubricNotFound(LookupError):
 
 
 # Tag names that wrap user text. `neutralize` defuses any look-alike of these in user text.
-_TAGS = ("user_prompt", "response_a", "response_b", "response", "principle")
+_TAGS = ("user_prompt", "response_a", "response_b", "response", "principle", "reference", "criterion", "criteria")
 
 # What `neutralize` defuses, by the character it swaps: (the rest of a look-alike after that
 # character, the characters that rest can start with). Each pass consumes only the swapped
@@ -50,9 +50,9 @@ _TAGS = ("user_prompt", "response_a", "response_b", "response", "principle")
 # quadratic ("<" + 16,000 spaces took ~6 s, holding the GIL). Here a second run only starts after
 # a literal "/", so each character is looked at a bounded number of times: linear time. The
 # first-character class in front is only for speed (most "<" in text fail it at once).
-_NAME = r"(?=[uUrRpPsS])(?i:user_prompt|response(?:_a|_b)?|principle|s)[>/\s]"
+_NAME = r"(?=[uUrRpPsScC])(?i:user_prompt|response(?:_a|_b)?|reference|principle|criteri(?:on|a)|s)[>/\s]"
 _STRUCTURE = {
-    "<": (rf"\s*(?:\||/\s*{_NAME}|{_NAME})", "\\s|/uUrRpPsS"),  # our tags, ChatML / Llama-3 "<|"
+    "<": (rf"\s*(?:\||/\s*{_NAME}|{_NAME})", "\\s|/uUrRpPsScC"),  # our tags, ChatML / Llama-3 "<|"
     "|": (r"\s*>", "\\s>"),                                     # "|>" of <|im_end|>, <|eot_id|>
     "[": (r"\s*(?:/\s*)?(?i:INST)\s*\]", "\\s/iI"),          # Llama-2 / Mistral turn markers
 }
@@ -156,13 +156,14 @@ class Rubric(BaseModel):
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Stable identifier, used in APIs and cache keys.")
     version: str = Field(min_length=1, description="Bump whenever the wording changes: cached judgments are keyed by it.")
-    kind: Literal["pairwise", "score"]
+    kind: Literal["pairwise", "score", "checklist", "group"]
     description: str = ""
     system: str | None = Field(None, description="System message (plain text, not a template).")
-    template: str = Field(min_length=1, description="Jinja2 user-message template. Variables: prompt, response_a, response_b (pairwise), response (score), principle (constitutions). Each arrives already wrapped in delimiters.")
-    answer_instruction: str = Field(description="Appended to the rendered template in log-prob mode: asks for the bare label.")
-    labels: list[str] = Field(description="Pairwise: exactly two, [first-better, second-better]. Score: the score labels, e.g. '1'..'10'.")
-    label_values: list[float] | None = Field(None, description="Score rubrics: numeric value of each label (default: float(label)).")
+    template: str = Field(min_length=1, description="Jinja2 user-message template. Variables: prompt, response_a, response_b (pairwise), response (score, checklist), responses (group: a list), criterion (checklist), criteria (a score rubric for implicit checklists), reference (the item's reference answer, or '' when it has none), principle (constitutions). User text arrives already wrapped in delimiters.")
+    answer_instruction: str = Field(description="Appended to the rendered template in log-prob mode: asks for the bare label. Group rubrics: a template with `index`, the 1-based position of the response asked about.")
+    labels: list[str] = Field(description="Pairwise: exactly two, [first-better, second-better]. Checklist: exactly two, [yes, no]. Score / group: the score labels, e.g. '1'..'10'.")
+    label_values: list[float] | None = Field(None, description="Score and group rubrics: numeric value of each label (default: float(label)).")
+    requires_reference: bool = Field(False, description="Reference-guided rubric: every item must carry a `reference` answer (the template uses `reference`).")
     principles: list[str] | None = Field(None, description="A constitution: one principle is rendered per prompt as `principle`.")
     principles_per_comparison: int | None = Field(None, ge=1, description="Principles sampled per item (seeded); null = all, averaged.")
     cot: CoTConfig | None = Field(None, description="Enables `mode=cot`.")
@@ -182,7 +183,19 @@ class Rubric(BaseModel):
     def _consistent(self) -> Rubric:
         if self.kind == "pairwise" and len(self.labels) != 2:
             raise ValueError("field 'labels': a pairwise rubric has exactly two labels [first-better, second-better]")
-        if self.kind == "score":
+        if self.kind == "checklist":
+            if len(self.labels) != 2:
+                raise ValueError("field 'labels': a checklist rubric has exactly two labels [yes, no]")
+            if "criterion" not in self.template:
+                raise ValueError("field 'template': a checklist rubric asks about one `criterion`, which the template never uses")
+        if self.kind == "group":
+            if "responses" not in self.template:
+                raise ValueError("field 'template': a group rubric shows the group as `responses`, which the template never uses")
+            if "index" not in self.answer_instruction:
+                raise ValueError("field 'answer_instruction': a group rubric asks about response `index`, which it never uses")
+        if self.requires_reference and not self.uses_reference:
+            raise ValueError("field 'requires_reference': the template never uses `reference`")
+        if self.kind in ("score", "group"):
             values = self.label_values
             if values is None:
                 try:
@@ -202,16 +215,31 @@ class Rubric(BaseModel):
         if self.principles and not needs_principle:
             raise ValueError("field 'template': principles are given but the template never uses `principle`")
         # Compile now so template errors surface at load time, naming the rubric.
-        try:
-            _environment().from_string(self.template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ValueError(f"field 'template': line {exc.lineno}: {exc.message}") from None
+        for name, text in (("template", self.template), ("answer_instruction", self.answer_instruction)):
+            try:
+                _environment().from_string(text)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"field '{name}': line {exc.lineno}: {exc.message}") from None
         return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """The template shows the item's reference answer (a reference-guided rubric)."""
+        return "reference" in self.template
+
+    @property
+    def uses_criteria(self) -> bool:
+        """The template shows the whole checklist (`criteria`): a score rubric for implicit checklist grading."""
+        return "criteria" in self.template
 
     @cached_property
     def fingerprint(self) -> str:
-        """Hash of everything that changes what the judge sees; part of every cache key."""
-        payload = self.model_dump_json(exclude={"source"})
+        """Hash of everything that changes what the judge sees; part of every cache key.
+
+        Fields added after rubrics were first fingerprinted are left out while they hold their
+        default, so existing rubrics (and calibration files fit on them) keep their fingerprint."""
+        exclude = {"source"} | ({"requires_reference"} if not self.requires_reference else set())
+        payload = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def _messages(self, user: str) -> ChatPrompt:
@@ -221,33 +249,68 @@ class Rubric(BaseModel):
         messages.append({"role": "user", "content": user})
         return messages
 
-    def _render_task(self, variables: dict[str, str]) -> str:
+    def _render_task(self, variables: dict[str, Any]) -> str:
         try:
             return _environment().from_string(self.template).render(**variables).strip()
         except jinja2.UndefinedError as exc:
             raise RubricError(f"{self.source}: field 'template': {exc.message}") from None
 
+    def check_item_fields(self, *, reference: str | None, criteria: Sequence[Any] | None = None) -> None:
+        """Refuse an item this rubric would silently misjudge: a reference answer it never shows, none
+        where it requires one, a checklist it never shows or needs and lacks (`RubricError`, one line)."""
+        if reference is not None and not self.uses_reference:
+            raise RubricError(f"rubric '{self.id}' does not use a reference answer, but the item has one; use a "
+                              "reference-guided rubric (e.g. correctness, correctness-pairwise) or drop the reference")
+        if reference is None and self.requires_reference:
+            raise RubricError(f"rubric '{self.id}' grades against a reference answer, but the item has none; "
+                              "give each item a `reference` (CLI: --reference)")
+        if criteria is None and self.uses_criteria:
+            raise RubricError(f"rubric '{self.id}' shows a checklist (`criteria`), but the item has none; judge it "
+                              "with the checklist judge (implicit mode) and give the item its criteria")
+
     def task_text(self, *, prompt: str, response_a: str | None = None, response_b: str | None = None,
-                  response: str | None = None, principle: str | None = None,
-                  special_tokens: Sequence[str] = ()) -> str:
+                  response: str | None = None, principle: str | None = None, reference: str | None = None,
+                  criterion: str | None = None, criteria: Sequence[Any] | None = None,
+                  responses: Sequence[str] | None = None, special_tokens: Sequence[str] = ()) -> str:
         """Render the user task (without the closing instruction); user text is delimited.
 
-        `special_tokens`: the engine tokenizer's special-token texts, defused in user text."""
-        variables = {"prompt": delimit("user_prompt", prompt, special_tokens)}
+        `reference` (the item's reference answer), `criterion` (checklist rubrics), `criteria` (a
+        checklist of `Criterion` shown whole, implicit mode) and `responses` (group rubrics) are
+        user text too, delimited and defused like responses. `special_tokens`: the engine
+        tokenizer's special-token texts, defused in user text."""
+        variables: dict[str, Any] = {"prompt": delimit("user_prompt", prompt, special_tokens),
+                                     "reference": delimit("reference", reference, special_tokens) if reference is not None else ""}
         if self.kind == "pairwise":
             assert response_a is not None and response_b is not None, "pairwise rubric needs response_a and response_b"
             variables["response_a"] = delimit("response_a", response_a, special_tokens)
             variables["response_b"] = delimit("response_b", response_b, special_tokens)
+        elif self.kind == "group":
+            assert responses is not None, "group rubric needs responses"
+            variables["responses"] = [delimit("response", text, special_tokens) for text in responses]
         else:
-            assert response is not None, "score rubric needs response"
+            assert response is not None, f"{self.kind} rubric needs response"
             variables["response"] = delimit("response", response, special_tokens)
+        if self.kind == "checklist":
+            assert criterion is not None, "checklist rubric needs criterion"
+            variables["criterion"] = delimit("criterion", criterion, special_tokens)
+        if criteria is not None:
+            listed = "\n".join(f"{i}. {getattr(c, 'text', c)}" + (f" (weight {c.weight:g})" if getattr(c, "weight", 1.0) != 1.0 else "")
+                                for i, c in enumerate(criteria, 1))
+            variables["criteria"] = delimit("criteria", listed, special_tokens)
         if principle is not None:
             variables["principle"] = principle  # rubric-author text, not user text
         return self._render_task(variables)
 
-    def render(self, **kwargs: Any) -> ChatPrompt:
-        """Chat messages for log-prob mode: task + `answer_instruction`."""
-        return self._messages(f"{self.task_text(**kwargs)}\n\n{self.answer_instruction.strip()}")
+    def instruction(self, index: int | None = None) -> str:
+        """`answer_instruction`, rendered with `index` (the 1-based response position) for group rubrics."""
+        if self.kind != "group":
+            return self.answer_instruction.strip()
+        assert index is not None, "group rubric needs the index of the response asked about"
+        return _environment().from_string(self.answer_instruction).render(index=index).strip()
+
+    def render(self, *, index: int | None = None, **kwargs: Any) -> ChatPrompt:
+        """Chat messages for log-prob mode: task + `answer_instruction` (group: about response `index`)."""
+        return self._messages(f"{self.task_text(**kwargs)}\n\n{self.instruction(index)}")
 
     def render_cot(self, **kwargs: Any) -> ChatPrompt:
         """Chat messages asking for a rationale (CoT step 1)."""

@@ -46,12 +46,17 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+REFERENCE_DESCRIPTION = ("A reference answer (user text, delimited like a response) that reference-guided rubrics "
+                         "(`correctness`, `correctness-pairwise`) grade against; None = no reference.")
+
+
 class PairwiseItem(_Frozen):
     """One comparison: which of two responses better answers `prompt`."""
 
     prompt: str
     response_a: str
     response_b: str
+    reference: str | None = Field(None, description=REFERENCE_DESCRIPTION)
 
 
 class ScoreItem(_Frozen):
@@ -59,6 +64,34 @@ class ScoreItem(_Frozen):
 
     prompt: str
     response: str
+    reference: str | None = Field(None, description=REFERENCE_DESCRIPTION)
+
+
+class Criterion(_Frozen):
+    """One checklist item of a per-prompt rubric (Rubrics as Rewards): a yes/no property of a good response.
+
+    Phrase every criterion so that "yes" is good ("The response avoids jargon", not "uses jargon"):
+    weights are positive, and the checklist score is the weighted mean of P(yes)."""
+
+    text: str = Field(min_length=1, description="What a good response does, as a yes/no statement (user text).")
+    weight: float = Field(1.0, gt=0, le=1000, description="Relative importance; the score is sum w*P(yes) / sum w.")
+
+
+class ChecklistItem(_Frozen):
+    """One response graded against its prompt's own checklist (and optionally a reference answer)."""
+
+    prompt: str
+    response: str
+    criteria: tuple[Criterion, ...] = Field(min_length=1, description="The prompt's checklist.")
+    reference: str | None = Field(None, description=REFERENCE_DESCRIPTION)
+
+
+class GroupItem(_Frozen):
+    """All the responses to one prompt, judged relative to each other (GRPO / RLOO groups)."""
+
+    prompt: str
+    responses: tuple[str, ...] = Field(min_length=2, description="The group: at least two responses to `prompt`.")
+    reference: str | None = Field(None, description=REFERENCE_DESCRIPTION)
 
 
 class Timings(BaseModel):
@@ -79,6 +112,8 @@ class OrderJudgment(BaseModel):
         "P(the judge's reply is exactly one of the labels) before normalizing over them, averaged over "
         "principles / CoT samples. Low values mean the verdict rests on little probability."))
     rationale: str | None = Field(None, description="CoT rationale(s) produced before the label (CoT mode).")
+    raw_prob_first: float | None = Field(None, description=(
+        "With a calibration: `prob_first` as the uncalibrated judge gave it (None when uncalibrated)."))
 
 
 class PairwiseJudgment(BaseModel):
@@ -103,6 +138,10 @@ class PairwiseJudgment(BaseModel):
     engine: str
     model: str
     mode: Literal["logprob", "cot"]
+    calibration: str | None = Field(None, description=(
+        "Id of the calibration applied (`rlaif calibrate`); None = the judge's own probabilities."))
+    raw_prob_a: float | None = Field(None, description="With a calibration: the uncalibrated `prob_a`.")
+    raw_consistent: bool | None = Field(None, description="With a calibration: the uncalibrated `consistent`.")
     cached: bool = False
     timings: Timings = Field(default_factory=Timings)
 
@@ -126,5 +165,69 @@ class ScoreJudgment(BaseModel):
     engine: str
     model: str
     mode: Literal["logprob", "cot"]
+    cached: bool = False
+    timings: Timings = Field(default_factory=Timings)
+
+
+class CriterionJudgment(BaseModel):
+    """The judge's yes/no verdict on one checklist criterion."""
+
+    text: str
+    weight: float
+    prob_yes: float = Field(description="P(yes | the reply is yes or no), from the label log-probs.")
+    label_mass: float = Field(description="P(the reply is exactly yes or no) before normalizing.")
+
+
+class ChecklistJudgment(BaseModel):
+    """A response graded against a per-item checklist.
+
+    `explicit` mode asks one yes/no question per criterion: `score` = sum_i w_i P_i(yes) / sum_i w_i
+    and `weighted_sum` = sum_i w_i P_i(yes), with the per-criterion breakdown in `criteria`.
+    `implicit` mode shows the whole checklist in one score prompt: `score` is that prompt's rescaled
+    expected score, `weighted_sum` = score * sum_i w_i, and `criteria` is None.
+    """
+
+    score: float = Field(description="In [0, 1]: weighted mean of P(yes) (explicit) or the rescaled score (implicit).")
+    weighted_sum: float = Field(description="sum_i w_i P_i(yes) (explicit); score * sum_i w_i (implicit).")
+    checklist_mode: Literal["explicit", "implicit"]
+    criteria: list[CriterionJudgment] | None = Field(None, description="Explicit mode: one verdict per criterion, in order.")
+    distribution: dict[str, float] | None = Field(None, description="Implicit mode: P(label) of the score labels.")
+    label_mass: float = Field(description="Mean label mass over the item's engine prompts.")
+    rubric_id: str
+    rubric_version: str
+    engine: str
+    model: str
+    mode: Literal["logprob", "cot"] = "logprob"
+    cached: bool = False
+    timings: Timings = Field(default_factory=Timings)
+
+
+class GroupJudgment(BaseModel):
+    """Relative scores of a group of responses to one prompt, in the group's input order.
+
+    `listwise`: the whole group is shown in one prompt and every response gets a score label
+    distribution there, in `orders` seeded random presentation orders; `scores` is the mean over
+    orders of each response's rescaled expected score, `per_order` the scores of each order and
+    `order_spread` their standard deviation per response (how much the position moved it).
+    `round_robin`: every pair is judged in both orders with a pairwise rubric; `win_matrix[i][j]`
+    = P(i beats j) and a Bradley-Terry fit gives `strengths`; `scores[i]` = mean over j != i of
+    sigmoid(strength_i - strength_j), the expected win rate of i against the group, in [0, 1].
+    """
+
+    scores: list[float] = Field(description="One score in [0, 1] per response, input order.")
+    method: Literal["listwise", "round_robin"]
+    orders: int = Field(description="Listwise: presentation orders averaged; round robin: ordered pairs judged.")
+    seed: int
+    per_order: list[list[float]] | None = Field(None, description="Listwise: scores[k][i] of order k (input indexing).")
+    order_spread: list[float] | None = Field(None, description="Listwise: std over orders of each response's score.")
+    presentation: list[list[int]] | None = Field(None, description="Listwise: each order as a list of input indices.")
+    win_matrix: list[list[float]] | None = Field(None, description="Round robin: P(i beats j), both orders averaged; 0.5 on the diagonal.")
+    strengths: list[float] | None = Field(None, description="Round robin: Bradley-Terry log-strengths (mean 0).")
+    label_mass: float = Field(description="Mean label mass over the group's engine prompts.")
+    rubric_id: str
+    rubric_version: str
+    engine: str
+    model: str
+    mode: Literal["logprob", "cot"] = "logprob"
     cached: bool = False
     timings: Timings = Field(default_factory=Timings)

@@ -3,11 +3,13 @@
     rlaif ppo --config ppo.yaml
     rlaif ppo --prompts prompts.jsonl --engine default --steps 200 --batch-size 8 --output-dir runs/ppo1
     rlaif ppo --config ppo.yaml --resume          # continue from the latest checkpoint
+    rlaif ppo --config ppo.yaml --keep-checkpoints 3 --no-save-optimizer   # disk: 3 newest, no AdamW state
     rlaif ppo --prompts prompts.jsonl --reward-model runs/rm   # a distilled RM (`rlaif train-rm`) as reward
 
-Every `PPOConfig` field is also a flag (`batch_size` -> `--batch-size`, booleans as
-`--flag/--no-flag`); flags override the YAML file, which overrides the defaults. The flags
-are generated from the config model, so a new config field is a new flag with its
+Every `PPOConfig` field is also a flag named after its flat key (`ppo.batch_size` ->
+`--batch-size`, `policy.model` -> `--policy`, booleans as `--flag/--no-flag`); flags typed on the
+command line override the YAML file, which overrides the defaults (shown in `--help`). The flags
+are generated from the config's sections, so a new config field is a new flag with its
 description as help text. Importing this module stays light (typer + pydantic): torch and
 transformers load inside the command.
 """
@@ -22,8 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-
-from rlaif.policy_training.config import ConfigError, PPOConfig
+from pydantic import BaseModel
+from rlaif.policy_training.config import FLAT_KEYS, SECTIONS, ConfigError, PPOConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +48,7 @@ def config_from_cli(config_file: Path | None, flags: dict[str, Any]) -> PPOConfi
 def run_ppo(config: PPOConfig) -> Path:
     """Build the reward source and trainer from `config` and train; returns the run directory."""
     from rlaif.policy_training.ppo import PPOTrainer
-    from rlaif.policy_training.rewards import build_reward_source
+    from rlaif.policy_training.sources import build_reward_source
 
     trainer = PPOTrainer(config, build_reward_source(config))
     try:
@@ -57,33 +59,42 @@ def run_ppo(config: PPOConfig) -> Path:
 
 
 def _build_ppo_command() -> Any:
-    parameters = [inspect.Parameter(
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+                  inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, default=None,
         annotation=Annotated[Optional[Path], typer.Option(
             "--config", help="YAML file of PPOConfig fields; flags given here override it.",
             exists=True, dir_okay=False)])]
-    for name, field in PPOConfig.model_fields.items():
+    for name, (section, field_name) in FLAT_KEYS.items():
+        field = SECTIONS[section].model_fields[field_name]
         annotation = _cli_type(name, field.annotation)
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=Annotated[Optional[annotation], typer.Option(help=field.description)]))
+        # The flag's default is the config default, so --help shows what a run gets; whether a flag was
+        # actually typed (and so overrides the YAML file) comes from click's parameter source instead.
+        default = field.get_default()
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=list(default) if isinstance(default, list) else default,
+                                            annotation=Annotated[Optional[annotation], typer.Option(
+                                                help=field.description, show_default=default is not None)]))
 
-    def ppo(**kwargs: Any) -> None:
+    def ppo(ctx: typer.Context, **kwargs: Any) -> None:
         config_file = kwargs.pop("config")
+        kwargs = _typed_flags(ctx, kwargs)
         try:
             config = config_from_cli(config_file, kwargs)
         except ConfigError as exc:
             raise typer.BadParameter(str(exc)) from None
-        if config.judge_url is None and config.engine is None and config.reward_model is None:
-            from rlaif.policy_training.rewards import NO_REWARD_SOURCE
+        reward = config.reward
+        if reward.judge_url is None and reward.engine is None and reward.reward_model is None and reward.rewards is None:
+            from rlaif.policy_training.sources import NO_REWARD_SOURCE
 
             raise typer.BadParameter(NO_REWARD_SOURCE)
-        if config.prompts is None:
+        if config.policy.prompts is None:
             raise typer.BadParameter("no prompts: give --prompts FILE (.jsonl/.json/.txt)")
-        if config.reward_model is not None:
-            from rlaif.policy_training.reward_model import RM_CONFIG_FILE
+        if reward.reward_model is not None:
+            from rlaif.judge.reward_format import RM_CONFIG_FILE
 
-            if not (Path(config.reward_model) / RM_CONFIG_FILE).is_file():
-                raise typer.BadParameter(f"--reward-model {config.reward_model} is not a `rlaif train-rm` output "
+            if not (Path(reward.reward_model) / RM_CONFIG_FILE).is_file():
+                raise typer.BadParameter(f"--reward-model {reward.reward_model} is not a `rlaif train-rm` output "
                                          f"directory (no {RM_CONFIG_FILE} in it)")
         run_dir = run_ppo(config)
         typer.echo(f"done: metrics, plots and checkpoints in {run_dir}")
@@ -91,6 +102,16 @@ def _build_ppo_command() -> Any:
     ppo.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     ppo.__doc__ = "Fine-tune a policy with PPO / RLOO / GRPO against the judge's rewards."
     return ppo
+
+
+def _typed_flags(context: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags given on the command line (or by environment); the rest become None = not given.
+
+    The flags carry the config's defaults for --help, but a default must not override the YAML file.
+    Sources compare by name: typer may run its own copy of click, whose enum is not `click.core`'s."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}
+    return {k: v if getattr(context.get_parameter_source(k), "name", None) in given else None
+            for k, v in values.items()}
 
 
 def _cli_type(name: str, annotation: Any) -> Any:
@@ -107,5 +128,7 @@ def _cli_type(name: str, annotation: Any) -> Any:
         values = [str(a) for a in typing.get_args(annotation)]
         return enum.Enum(f"{name}_choices", {v: v for v in values}, type=str)
     if origin is list:
-        return list[args[0]] if args else list[str]
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return list[str]  # e.g. reward terms: the model parses its one-line form (`judge=helpfulness,weight=1`)
+        return list[args[0]] if args else list[str]  # type: ignore[valid-type]  # built at run time from the annotation
     return annotation

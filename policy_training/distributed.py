@@ -127,8 +127,10 @@ class DistContext:
         bucket: list[torch.Tensor] = []
         size = 0
         for p in parameters:
-            bucket.append(p.grad)
-            size += p.grad.numel()
+            grad = p.grad
+            assert grad is not None  # filled with zeros above
+            bucket.append(grad)
+            size += grad.numel()
             if size >= _BUCKET_ELEMENTS:
                 self._reduce_bucket(bucket, dist)
                 bucket, size = [], 0

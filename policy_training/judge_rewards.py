@@ -15,7 +15,13 @@ Reward modes (RLAIF, Lee et al. 2023):
   orders averaged. The reference is the frozen initial policy's greedy answer to the same
   prompt (the trainer supplies it through `set_reference_generator`, generated once per
   prompt) or a column of the prompt file (`reference_column`). Against the initial policy
-  the reward starts near 0.5 and rises only when the policy beats where it started.
+  the reward starts near 0.5 and rises only when the policy beats where it started;
+- `checklist` (Rubrics as Rewards): reward = the weighted mean of P(yes) over the prompt's own
+  criteria (`rlaif.judge.checklist`), read from the prompt file's `criteria_column`.
+
+Reference answers (`answer_column` of the prompt file, or `answers=` per call) go to the judge
+with every item, for reference-guided rubrics (`correctness`, `correctness-pairwise`); a
+rubric that never shows a reference refuses them rather than ignoring them.
 
 Several rubrics combine as a weighted sum (LLaMA-2 combined a helpfulness and a safety
 reward the same way): `rubric: "helpfulness:0.7,harmlessness:0.3"`. Each component is
@@ -49,30 +55,35 @@ its own `reward_latency_s`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from rlaif.policy_training.rewards import Reward, _check_batch
+from rlaif.policy_training.prompt_data import load_prompts
+from rlaif.policy_training.rewards import _check_batch
+from rlaif.policy_training.rubric_weights import (
+    Reward,
+    RubricSpec,
+    RubricWeight,
+    parse_rubric_weights,
+    weighted_sum,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from rlaif.judge.cache import JudgmentCache
+    from rlaif.judge.types import Criterion
     from rlaif.judge.engines.base import Engine
     from rlaif.policy_training.config import PPOConfig
-    from rlaif.service.client import JudgeClient
+    from rlaif.judge.api.client import JudgeClient
 
 logger = logging.getLogger(__name__)
 
-RewardMode = Literal["score", "pairwise"]
+RewardMode = Literal["score", "pairwise", "checklist"]
 RewardScale = Literal["unit", "signed"]
 JudgeMode = Literal["logprob", "cot"]
-RubricSpec = str | Sequence[str] | Mapping[str, float] | None
-"""`"helpfulness:0.7,harmlessness:0.3"`, `["helpfulness:0.7", ...]`, `{"helpfulness": 0.7, ...}` or None (default rubric)."""
 ReferenceGenerator = Callable[[list[str]], list[str]]
 """prompts -> one reference response per prompt (the trainer's `PPOTrainer.reference_responses`)."""
 
@@ -83,85 +94,6 @@ DEFAULT_RUBRICS: dict[str, str] = {"score": "score-1-10", "pairwise": "helpfulne
 # ----------------------------------------------------------------------------- rubric weights
 
 
-@dataclass(frozen=True)
-class RubricWeight:
-    """One term of the reward: a rubric (None = the judge's default for the mode) and its weight."""
-
-    rubric: str | None
-    weight: float
-
-    @property
-    def name(self) -> str:
-        """Label under which the component is reported (`reward/<name>` in the metrics)."""
-        if self.rubric is None:
-            return "judge"
-        return Path(self.rubric).stem if self.rubric.endswith((".yaml", ".yml")) else self.rubric
-
-
-def parse_rubric_weights(spec: RubricSpec) -> list[RubricWeight]:
-    """`"helpfulness:0.7,harmlessness:0.3"` (or a list of such terms, or {id: weight}) -> terms.
-
-    A term without `:weight` has weight 1, so a single rubric id is just itself. The weight is
-    whatever follows the last `:` when that parses as a number, so rubric paths containing
-    `:` still work. Raises ValueError naming the bad term and the accepted form.
-    """
-    if spec is None:
-        return [RubricWeight(None, 1.0)]
-    if isinstance(spec, Mapping):
-        raw_terms = [f"{k}:{v}" for k, v in spec.items()]
-    elif isinstance(spec, str):
-        raw_terms = spec.split(",")
-    else:
-        raw_terms = [str(term) for term in spec]
-    terms: list[RubricWeight] = []
-    for raw in raw_terms:
-        term = raw.strip()
-        if not term:
-            raise ValueError(f"empty rubric term in {spec!r}; use `id` or `id:weight`, comma-separated, "
-                             f"e.g. helpfulness:0.7,harmlessness:0.3")
-        rubric, weight = term, 1.0
-        head, sep, tail = term.rpartition(":")
-        if sep:
-            try:
-                weight = float(tail)
-                rubric = head.strip()
-            except ValueError:
-                pass  # no number after the last ':' -> part of the rubric name or path
-        if not rubric:
-            raise ValueError(f"rubric term {term!r} has a weight but no rubric; use `id:weight`")
-        if not math.isfinite(weight):
-            raise ValueError(f"rubric term {term!r}: the weight must be a finite number")
-        terms.append(RubricWeight(rubric, weight))
-    names = [t.name for t in terms]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"rubric(s) {duplicates} appear more than once in {spec!r}; give each rubric once with its total weight")
-    if all(t.weight == 0 for t in terms):
-        raise ValueError(f"all rubric weights in {spec!r} are 0, so every reward would be 0")
-    return terms
-
-
-def weighted_sum(components: Sequence[Sequence[Reward]], weights: Sequence[float]) -> list[Reward]:
-    """sum_k weights[k] * components[k][i] per sample; None where any component is None.
-
-    A partial sum would silently change what the reward measures for that sample (e.g. a
-    harmlessness-only score), so a missing component makes the whole sample missing.
-    """
-    if len(components) != len(weights):
-        raise ValueError(f"{len(components)} components but {len(weights)} weights")
-    if not components:
-        return []
-    size = len(components[0])
-    if any(len(c) != size for c in components):
-        raise ValueError(f"components have different lengths: {[len(c) for c in components]}")
-    total: list[Reward] = []
-    for i in range(size):
-        parts = [c[i] for c in components]
-        total.append(None if any(p is None for p in parts)
-                     else math.fsum(w * p for w, p in zip(weights, parts)))  # type: ignore[operator]
-    return total
-
-
 def rescale(value: float, scale: RewardScale) -> float:
     """[0, 1] -> [0, 1] (`unit`) or [-1, 1] (`signed`, 2r - 1)."""
     return 2.0 * value - 1.0 if scale == "signed" else value
@@ -170,12 +102,10 @@ def rescale(value: float, scale: RewardScale) -> float:
 def load_reference_table(path: str | Path, reference_column: str, prompt_column: str | None = None) -> dict[str, str]:
     """prompt text -> reference response, from the prompt file the trainer reads.
 
-    Prompts are extracted exactly as the trainer extracts them (`rlaif.policy_training.ppo.load_prompts`),
+    Prompts are extracted exactly as the trainer extracts them (`prompt_data.load_prompts`),
     so the keys match the prompts the reward source will be called with.
     """
     import json
-
-    from rlaif.policy_training.ppo import load_prompts
 
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -196,6 +126,47 @@ def load_reference_table(path: str | Path, reference_column: str, prompt_column:
     return table
 
 
+def config_answers(config: PPOConfig) -> dict[str, str] | None:
+    """prompt -> reference answer from the prompt file's `reward.answer_column`, if configured."""
+    from rlaif.policy_training.prompt_data import column_table, load_prompt_rows
+
+    column = config.reward.answer_column
+    if column is None:
+        return None
+    if config.policy.prompts is None:
+        raise ValueError("answer_column needs `prompts`: the reference answers are read from the prompt file")
+    rows = load_prompt_rows(config.policy.prompts, config.policy.prompt_column)
+    table = column_table(rows, column, config.policy.prompts, what="reference answers")
+    bad = [p for p, v in table.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{config.policy.prompts}: column {column!r} must hold text (the reference answer), e.g. for "
+                         f"{bad[0][:80]!r}")
+    return table
+
+
+def config_checklists(config: PPOConfig) -> dict[str, tuple[Criterion, ...]]:
+    """prompt -> its checklist from the prompt file's `reward.criteria_column` (default `criteria`)."""
+    from rlaif.policy_training.prompt_data import column_table, load_prompt_rows, parse_criteria
+
+    if config.policy.prompts is None:
+        raise ValueError("reward_mode checklist needs `prompts`: each prompt's criteria are read from the prompt file")
+    column = config.reward.criteria_column or "criteria"
+    rows = load_prompt_rows(config.policy.prompts, config.policy.prompt_column)
+    table = column_table(rows, column, config.policy.prompts, what="checklists")
+    return {prompt: parse_criteria(value, f"{config.policy.prompts}: prompt {prompt[:60]!r}")
+            for prompt, value in table.items()}
+
+
+def _config_references(config: PPOConfig) -> dict[str, str] | None:
+    """`reward.reference_column` of the prompt file as a reference table, if configured."""
+    column = config.reward.reference_column
+    if column is None:
+        return None
+    if config.policy.prompts is None:
+        raise ValueError("reference_column needs `prompts`: the references are read from the prompt file")
+    return load_reference_table(config.policy.prompts, column, config.policy.prompt_column)
+
+
 # ----------------------------------------------------------------------------- shared plumbing
 
 
@@ -210,9 +181,13 @@ class _JudgeReward:
     """
 
     def __init__(self, rubrics: RubricSpec, *, mode: RewardMode, scale: RewardScale, judge_mode: JudgeMode,
-                 references: Mapping[str, str] | None, name: str | None) -> None:
-        if mode not in ("score", "pairwise"):
-            raise ValueError(f"mode must be 'score' or 'pairwise', got {mode!r}")
+                 references: Mapping[str, str] | None, name: str | None, answers: Mapping[str, str] | None = None,
+                 checklists: Mapping[str, Sequence[Criterion]] | None = None,
+                 checklist_mode: Literal["explicit", "implicit"] = "explicit") -> None:
+        if mode not in ("score", "pairwise", "checklist"):
+            raise ValueError(f"mode must be 'score', 'pairwise' or 'checklist', got {mode!r}")
+        if checklists is not None and mode != "checklist":
+            raise ValueError("checklists only apply to mode='checklist'")
         if scale not in ("unit", "signed"):
             raise ValueError(f"scale must be 'unit' or 'signed', got {scale!r}")
         if references is not None and mode != "pairwise":
@@ -222,7 +197,13 @@ class _JudgeReward:
         self.scale: RewardScale = scale
         self.judge_mode: JudgeMode = judge_mode
         self.reference_table = dict(references) if references is not None else None
+        self.answer_table = dict(answers) if answers is not None else None
+        self.checklist_table = {p: tuple(c) for p, c in checklists.items()} if checklists is not None else None
+        self.checklist_mode: Literal["explicit", "implicit"] = checklist_mode
         self._reference_generator: ReferenceGenerator | None = None
+        # This call's reference answers and checklists (one per response), set by `rewards` for `_judge_terms`.
+        self._answers: list[str | None] | None = None
+        self._checklists: list[Sequence[Criterion]] | None = None
         self.name = name or f"{type(self).__name__}({mode})"
         self.last_components: dict[str, list[Reward]] = {}
         self.last_metrics: dict[str, float] = {}
@@ -260,16 +241,40 @@ class _JudgeReward:
                          "pass references=[...], build the source with a reference table (reference_column), or let "
                          "PPOTrainer supply its initial policy's responses (it calls set_reference_generator)")
 
+    def _lookup(self, prompts: list[str], given: Sequence[Any] | None, table: Mapping[str, Any] | None,
+                what: str) -> list[Any] | None:
+        """Per-prompt values: given per call (one per response), else from the prompt-file table, else None."""
+        if given is not None:
+            if len(given) != len(prompts):
+                raise ValueError(f"{len(given)} {what} for {len(prompts)} responses; give one per response")
+            return list(given)
+        if table is None:
+            return None
+        missing = [p for p in prompts if p not in table]
+        if missing:
+            raise KeyError(f"no {what} for {len(missing)} prompt(s), e.g. {missing[0][:80]!r}; the table covers the "
+                           "prompt file it was read from")
+        return [table[p] for p in prompts]
+
     # -- the call
     def rewards(self, prompts: list[str], responses: list[str], *,
-                references: Sequence[str] | None = None) -> list[float | None]:
-        """One reward per (prompt, response): the weighted sum of the rubric terms, None where missing."""
+                references: Sequence[str] | None = None, answers: Sequence[str | None] | None = None,
+                criteria: Sequence[Sequence[Criterion]] | None = None) -> list[float | None]:
+        """One reward per (prompt, response): the weighted sum of the rubric terms, None where missing.
+
+        `references`: baseline responses (pairwise mode); `answers`: reference answers (reference-guided
+        rubrics); `criteria`: one checklist per response (checklist mode). Unset = from the tables."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
         prompts, responses = list(prompts), list(responses)
         started = time.perf_counter()
         refs = self._references(prompts, references)
         reference_s = time.perf_counter() - started
+        self._answers = self._lookup(prompts, answers, self.answer_table, "reference answers")
+        self._checklists = self._lookup(prompts, criteria, self.checklist_table, "checklists")
+        if self.mode == "checklist" and self._checklists is None:
+            raise ValueError("mode='checklist' grades each response against its prompt's criteria, and none are "
+                             "available: pass criteria=[...] or build the source with checklists (criteria_column)")
         judged = time.perf_counter()
         components, metrics = self._judge_terms(prompts, responses, refs)
         latency = time.perf_counter() - judged
@@ -302,47 +307,73 @@ class LocalJudgeReward(_JudgeReward):
     def __init__(self, engine: Engine, *, rubrics: RubricSpec = None,
                  mode: RewardMode = "score", scale: RewardScale = "unit", judge_mode: JudgeMode = "logprob",
                  references: Mapping[str, str] | None = None, cache: JudgmentCache | None = None,
-                 tie_margin: float = 0.05, name: str | None = None) -> None:
+                 tie_margin: float = 0.05, name: str | None = None,
+                 calibrations: Sequence[str | Path] | None = None, answers: Mapping[str, str] | None = None,
+                 checklists: Mapping[str, Sequence[Criterion]] | None = None,
+                 checklist_mode: Literal["explicit", "implicit"] = "explicit") -> None:
+        from rlaif.judge.calibration import load_calibrations
+        from rlaif.judge.checklist import ChecklistJudge
         from rlaif.judge.judges import PairwiseJudge, ScoreJudge
 
-        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
+        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name,
+                         answers=answers, checklists=checklists, checklist_mode=checklist_mode)
         self.engine = engine
         # Built now, so a wrong rubric (unknown id, score rubric in pairwise mode) fails before training starts.
-        self.judges: dict[str, PairwiseJudge | ScoreJudge] = {}
+        self.judges: dict[str, PairwiseJudge | ScoreJudge | ChecklistJudge] = {}
+        calibrated = load_calibrations(calibrations or [])  # rubric id -> calibration
+        if calibrated and mode != "pairwise":
+            raise ValueError("calibration applies to pairwise judgments; set reward_mode: pairwise or remove it")
         for term in self.terms:
+            if mode == "checklist":
+                if judge_mode != "logprob":
+                    raise ValueError("mode='checklist' reads yes/no label log-probs; judge_mode must be 'logprob'")
+                self.judges[term.name] = ChecklistJudge(engine, term.rubric, checklist_mode=checklist_mode, cache=cache)
+                continue
             rubric = term.rubric or DEFAULT_RUBRICS[mode]
             if mode == "score":
                 self.judges[term.name] = ScoreJudge(engine, rubric, mode=judge_mode, cache=cache)
             else:
-                self.judges[term.name] = PairwiseJudge(engine, rubric, mode=judge_mode, cache=cache, tie_margin=tie_margin)
+                judge = PairwiseJudge(engine, rubric, mode=judge_mode, cache=cache, tie_margin=tie_margin)
+                if judge.rubric.id in calibrated:
+                    judge = PairwiseJudge(engine, judge.rubric, mode=judge_mode, cache=cache, tie_margin=tie_margin,
+                                          calibration=calibrated.pop(judge.rubric.id))
+                self.judges[term.name] = judge
+        if calibrated:
+            raise ValueError(f"calibration(s) for rubric(s) {sorted(calibrated)}, which this reward does not use")
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> LocalJudgeReward:
         """`engine`, `rubric`, `reward_mode`, `reward_scale`, `judge_mode`, `reference_column` of a PPO config."""
         from rlaif.judge.engines import build_engine
 
-        if config.engine is None:
+        r = config.reward
+        if r.engine is None:
             raise ValueError("LocalJudgeReward needs `engine` (e.g. default, hf:<model>, openai:<url>#<model>)")
-        references = None
-        if config.reference_column is not None:
-            if config.prompts is None:
-                raise ValueError("reference_column needs `prompts`: the references are read from the prompt file")
-            references = load_reference_table(config.prompts, config.reference_column, config.prompt_column)
-        return cls(build_engine(config.engine), rubrics=config.rubric, mode=config.reward_mode,
-                   scale=config.reward_scale, judge_mode=config.judge_mode, references=references)
+        if r.reward_mode == "group":
+            raise ValueError("reward_mode group is GroupJudgeReward's (rlaif.policy_training.group_rewards)")
+        return cls(build_engine(r.engine), rubrics=r.rubric, mode=r.reward_mode, scale=r.reward_scale,
+                   judge_mode=r.judge_mode, references=_config_references(config), calibrations=r.calibration,
+                   answers=config_answers(config),
+                   checklists=config_checklists(config) if r.reward_mode == "checklist" else None,
+                   checklist_mode=r.checklist_mode)
 
     def _judge_terms(self, prompts: list[str], responses: list[str],
                      references: list[str] | None) -> tuple[dict[str, list[Reward]], dict[str, float]]:
         from rlaif.judge.engines.base import EngineError
-        from rlaif.judge.types import PairwiseItem, ScoreItem
+        from rlaif.judge.types import ChecklistItem, PairwiseItem, ScoreItem
 
+        answers = self._answers or [None] * len(prompts)
         items: list[Any]
         if self.mode == "score":
-            items = [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses)]
+            items = [ScoreItem(prompt=p, response=r, reference=a) for p, r, a in zip(prompts, responses, answers)]
+        elif self.mode == "checklist":
+            assert self._checklists is not None
+            items = [ChecklistItem(prompt=p, response=r, criteria=tuple(c), reference=a)
+                     for p, r, c, a in zip(prompts, responses, self._checklists, answers)]
         else:
             assert references is not None
-            items = [PairwiseItem(prompt=p, response_a=r, response_b=ref)
-                     for p, r, ref in zip(prompts, responses, references)]
+            items = [PairwiseItem(prompt=p, response_a=r, response_b=ref, reference=a)
+                     for p, r, ref, a in zip(prompts, responses, references, answers)]
         components: dict[str, list[Reward]] = {}
         engine_s = 0.0
         cached = 0
@@ -354,7 +385,7 @@ class LocalJudgeReward(_JudgeReward):
                                name, len(items), exc)
                 components[name] = [None] * len(items)
                 continue
-            values = [j.score if self.mode == "score" else j.prob_a for j in judgments]  # type: ignore[union-attr]
+            values = [j.prob_a if self.mode == "pairwise" else j.score for j in judgments]  # type: ignore[union-attr]
             components[name] = [rescale(v, self.scale) for v in values]
             fresh = [j for j in judgments if not j.cached]
             engine_s += fresh[0].timings.engine_seconds if fresh else 0.0  # timings are per batch, shared by items
@@ -381,10 +412,13 @@ class HTTPJudgeReward(_JudgeReward):
                  mode: RewardMode = "score", scale: RewardScale = "unit", judge_mode: JudgeMode = "logprob",
                  references: Mapping[str, str] | None = None, timeout: float = 300.0, retries: int = 4,
                  backoff: float = 0.5, concurrency: int = 4, max_items: int = 256, api_key: str | None = None,
-                 client: JudgeClient | None = None, name: str | None = None) -> None:
-        from rlaif.service.client import JudgeClient, RetryPolicy
+                 client: JudgeClient | None = None, name: str | None = None, answers: Mapping[str, str] | None = None,
+                 checklists: Mapping[str, Sequence[Criterion]] | None = None,
+                 checklist_mode: Literal["explicit", "implicit"] = "explicit") -> None:
+        from rlaif.judge.api.client import JudgeClient, RetryPolicy
 
-        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name)
+        super().__init__(rubrics, mode=mode, scale=scale, judge_mode=judge_mode, references=references, name=name,
+                         answers=answers, checklists=checklists, checklist_mode=checklist_mode)
         if concurrency < 1 or max_items < 1:
             raise ValueError("concurrency and max_items must be >= 1")
         self.url = url
@@ -397,17 +431,17 @@ class HTTPJudgeReward(_JudgeReward):
     def from_config(cls, config: PPOConfig) -> HTTPJudgeReward:
         """`judge_url`, `rubric`, `reward_mode`, `reward_scale`, `judge_mode`, `reference_column`,
         `judge_timeout`, `judge_retries`, `judge_concurrency`, `judge_api_key_env` of a PPO config."""
-        if config.judge_url is None:
+        r = config.reward
+        if r.judge_url is None:
             raise ValueError("HTTPJudgeReward needs `judge_url` (a running `rlaif serve`, e.g. http://127.0.0.1:8000)")
-        references = None
-        if config.reference_column is not None:
-            if config.prompts is None:
-                raise ValueError("reference_column needs `prompts`: the references are read from the prompt file")
-            references = load_reference_table(config.prompts, config.reference_column, config.prompt_column)
-        return cls(config.judge_url, rubrics=config.rubric, mode=config.reward_mode, scale=config.reward_scale,
-                   judge_mode=config.judge_mode, references=references, timeout=config.judge_timeout,
-                   retries=config.judge_retries, concurrency=config.judge_concurrency,
-                   api_key=os.environ.get(config.judge_api_key_env) or None)
+        if r.reward_mode == "group":
+            raise ValueError("reward_mode group is GroupJudgeReward's (rlaif.policy_training.group_rewards)")
+        return cls(r.judge_url, rubrics=r.rubric, mode=r.reward_mode, scale=r.reward_scale, judge_mode=r.judge_mode,
+                   references=_config_references(config), timeout=r.judge_timeout, retries=r.judge_retries,
+                   concurrency=r.judge_concurrency, api_key=os.environ.get(r.judge_api_key_env) or None,
+                   answers=config_answers(config),
+                   checklists=config_checklists(config) if r.reward_mode == "checklist" else None,
+                   checklist_mode=r.checklist_mode)
 
     def close(self) -> None:
         self.client.close()
@@ -422,7 +456,9 @@ class HTTPJudgeReward(_JudgeReward):
             term, (lo, hi) = job
             started = time.perf_counter()
             values = self._request(term, prompts[lo:hi], responses[lo:hi],
-                                   references[lo:hi] if references is not None else None)
+                                   references[lo:hi] if references is not None else None,
+                                   self._answers[lo:hi] if self._answers is not None else None,
+                                   self._checklists[lo:hi] if self._checklists is not None else None)
             return values, time.perf_counter() - started
 
         if len(jobs) == 1:
@@ -439,14 +475,18 @@ class HTTPJudgeReward(_JudgeReward):
         return components, {"judge_request_max_s": max(seconds for _, seconds in results),
                             "judge_requests": float(len(jobs)), "judge_failed_requests": float(failed)}
 
-    def _request(self, term: RubricWeight, prompts: list[str], responses: list[str],
-                 references: list[str] | None) -> list[float] | None:
+    def _request(self, term: RubricWeight, prompts: list[str], responses: list[str], references: list[str] | None,
+                 answers: list[str | None] | None = None,
+                 checklists: list[Sequence[Criterion]] | None = None) -> list[float] | None:
         """One /v1/rewards request; None when the service could not be had (see the module docstring)."""
-        from rlaif.service.client import JudgeServiceError
+        from rlaif.judge.api.client import JudgeServiceError
 
+        criteria = [[c.model_dump() for c in checklist] for checklist in checklists] if checklists is not None else None
         try:
             response = self.client.rewards(prompts, responses, references=references, mode=self.mode,
-                                           rubric=term.rubric, judge_mode=self.judge_mode, scale=self.scale)
+                                           rubric=term.rubric, judge_mode=self.judge_mode, scale=self.scale,
+                                           reference_answers=answers, criteria=criteria,
+                                           checklist_mode=self.checklist_mode)
         except JudgeServiceError as exc:
             if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 raise  # the request itself is wrong (rubric, auth, size): skipping would hide it on every step

@@ -2,7 +2,7 @@
 
 The trainer depends only on the `RewardSource` protocol. A source returns one value per
 sample, or `None` where it could not score that sample (judge timeout, unparsable
-verdict); the trainer then applies `PPOConfig.on_missing_reward` instead of guessing a 0.
+verdict); the trainer then applies `reward.on_missing_reward` instead of guessing a 0.
 
 Here:
 - `RewardSource`            the protocol.
@@ -12,13 +12,14 @@ Here:
 - `RunningNormalizer`       wrapper: running mean/std normalization and clipping.
 - `trl_reward_func`,        adapters to TRL GRPOTrainer's `reward_funcs` calling convention
   `trl_async_reward_func`   (keyword `prompts`, `completions`, `**kwargs`).
-- `build_reward_source`     config -> source, used by `rlaif ppo`.
+- `fetch_rewards`           the trainer's call: one batch of rollouts -> reward tensors, with the
+                            `reward.on_missing_reward` policy applied; `reward_source_metrics` collects
+                            what the source (and the sources it wraps) report about the last batch.
 
-Judge-backed sources live in `rlaif.policy_training.judge_rewards` (a separate module):
-`LocalJudgeReward` (in-process judge engine) and `HTTPJudgeReward` (the judge service
-through `rlaif.service.client`). Each provides `from_config(config: PPOConfig) -> RewardSource`,
-which `build_reward_source` calls; they read `engine` / `judge_url`, `rubric` and
-`reward_mode` from the config.
+Judge-backed sources live in `rlaif.policy_training.judge_rewards` (`LocalJudgeReward`,
+`HTTPJudgeReward`), the distilled reward model in `rlaif.policy_training.reward_model.reward`
+(`RewardModelReward`); `rlaif.policy_training.sources.build_reward_source(config)` picks one
+from a config (what `rlaif ppo` uses).
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rlaif.policy_training.config import PPOConfig
+from rlaif.policy_training.rubric_weights import Reward
 
-Reward = float | None
+if TYPE_CHECKING:  # torch loads only when the trainer calls `fetch_rewards`
+    import torch
+
+
+class MissingRewardError(RuntimeError):
+    """The reward source could not score some samples and `on_missing_reward` is `fail`."""
 
 
 @runtime_checkable
@@ -94,7 +101,7 @@ class FunctionReward:
     def __init__(self, fn: Callable[..., Any], *, batched: bool = False, name: str | None = None) -> None:
         self.fn = fn
         self.batched = batched
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name: str = name or str(getattr(fn, "__name__", type(fn).__name__))
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float | None]:
         if len(prompts) != len(responses):
@@ -121,23 +128,25 @@ class WeightedReward:
             raise ValueError(f"{len(sources)} sources but {len(names)} names")
         self.sources = list(sources)
         self.weights = [float(w) for w in weights]
-        self.names = list(names) if names is not None else [
-            getattr(s, "name", f"{type(s).__name__}_{i}") for i, s in enumerate(sources)]
+        self.names: list[str] = list(names) if names is not None else [
+            str(getattr(s, "name", f"{type(s).__name__}_{i}")) for i, s in enumerate(sources)]
         self.last_components: dict[str, list[Reward]] = {}
+        self.last_metrics: dict[str, float] = {}
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float | None]:
-        components = {
-            name: _check_batch(name, prompts, responses, source.rewards(prompts, responses))
-            for name, source in zip(self.names, self.sources)
-        }
+        components: dict[str, list[Reward]] = {}
+        seconds: dict[str, float] = {}
+        for name, source in zip(self.names, self.sources):
+            started = time.perf_counter()
+            components[name] = _check_batch(name, prompts, responses, source.rewards(prompts, responses))
+            seconds[f"reward_s/{name}"] = time.perf_counter() - started  # per-source cost, beside reward/<name>
         self.last_components = components
+        self.last_metrics = seconds
         total: list[Reward] = []
         for i in range(len(responses)):
             parts = [components[name][i] for name in self.names]
-            if any(p is None for p in parts):
-                total.append(None)
-            else:
-                total.append(sum(w * p for w, p in zip(self.weights, parts)))  # type: ignore[operator]
+            present = [p for p in parts if p is not None]
+            total.append(sum(w * p for w, p in zip(self.weights, present)) if len(present) == len(parts) else None)
         return total
 
 
@@ -259,42 +268,61 @@ def trl_async_reward_func(source: RewardSource, name: str | None = None) -> Call
         c = [_completion_text(x) for x in completions]
         native = getattr(source, "arewards", None)
         if native is not None and inspect.iscoroutinefunction(native):
-            return await native(p, c)
+            scored: list[float | None] = await native(p, c)
+            return scored
         return await asyncio.to_thread(source.rewards, p, c)
 
     reward_func.__name__ = name or f"{type(source).__name__}_reward"
     return reward_func
 
 
-# ----------------------------------------------------------------------------- from config
+# ----------------------------------------------------------------------------- the trainer's call
 
 
-NO_REWARD_SOURCE = ("no reward source: give --judge-url URL (a running `rlaif serve`), --engine SPEC (an "
-                    "in-process judge, e.g. --engine default) or --reward-model DIR (a `rlaif train-rm` output)")
+@dataclass
+class RewardBatch:
+    """One batch's rewards as the trainer uses them."""
+
+    scores: torch.Tensor  # (N,) float32; a placeholder 0 where missing, masked out via `valid` everywhere
+    valid: torch.Tensor  # (N,) bool
+    n_missing: int
+    latency_s: float
 
 
-def build_reward_source(config: PPOConfig) -> RewardSource:
-    """The reward source a CLI run asks for: the judge service (`judge_url`), an in-process
-    judge (`engine`) or a distilled reward model (`reward_model`), optionally wrapped in a
-    `RunningNormalizer`."""
-    if config.judge_url:
-        from rlaif.policy_training.judge_rewards import HTTPJudgeReward
+def fetch_rewards(source: RewardSource, prompts: list[str], responses: list[str],
+                  on_missing: Literal["fail", "skip"], device: torch.device) -> RewardBatch:
+    """Score a batch; `on_missing="fail"` raises `MissingRewardError` when any sample has no reward."""
+    import torch
 
-        source: RewardSource = HTTPJudgeReward.from_config(config)
-    elif config.engine:
-        from rlaif.policy_training.judge_rewards import LocalJudgeReward
+    started = time.perf_counter()
+    raw = source.rewards(prompts, responses)
+    latency = time.perf_counter() - started
+    if len(raw) != len(responses):
+        raise ValueError(f"reward source returned {len(raw)} rewards for {len(responses)} responses")
+    present = [r is not None and math.isfinite(float(r)) for r in raw]
+    n_missing = present.count(False)
+    if n_missing and on_missing == "fail":
+        missing = [i for i, ok in enumerate(present) if not ok]
+        raise MissingRewardError(
+            f"the reward source could not score {n_missing} of {len(raw)} responses (indices {missing[:10]}); "
+            f"set on_missing_reward: skip to drop such samples instead")
+    valid = torch.tensor(present, dtype=torch.bool, device=device)
+    scores = torch.tensor([float(r) if ok and r is not None else 0.0 for r, ok in zip(raw, present)],
+                          dtype=torch.float32, device=device)
+    return RewardBatch(scores, valid, n_missing, latency)
 
-        source = LocalJudgeReward.from_config(config)
-    elif config.reward_model:
-        from rlaif.policy_training.rm_reward import RewardModelReward
 
-        from rlaif.policy_training.config import resolve_device
-
-        source = RewardModelReward.from_path(config.reward_model, batch_size=config.reward_model_batch_size,
-                                             device=resolve_device(config.device))
-    else:
-        raise ValueError(NO_REWARD_SOURCE)
-    if config.normalize_rewards or config.reward_clip is not None:
-        source = RunningNormalizer(source, clip=config.reward_clip, center=config.normalize_rewards,
-                                   scale=config.normalize_rewards)
-    return source
+def reward_source_metrics(source: Any) -> dict[str, float]:
+    """`reward/<name>` means of the last batch's components and the sources' own `last_metrics`
+    (e.g. judge latency, failed requests), over `source` and every source it wraps."""
+    record: dict[str, float] = {}
+    for inner in iter_reward_sources(source):
+        components = getattr(inner, "last_components", None)
+        if isinstance(components, dict):
+            for name, values in components.items():
+                present = [v for v in values if v is not None]
+                record[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+        metrics = getattr(inner, "last_metrics", None)
+        if isinstance(metrics, dict):
+            record.update({k: float(v) for k, v in metrics.items()})
+    return record

@@ -1,7 +1,7 @@
 """`rlaif winrate`: judged win rate of a trained policy against its initial policy.
 
     rlaif winrate --base default --policy runs/ppo --prompts heldout.jsonl --limit 100
-    rlaif winrate --base default --policy runs/ppo/checkpoint-200 --prompts heldout.jsonl \\
+    rlaif winrate --base default --policy runs/ppo/latest --prompts heldout.jsonl \\
         --judge-url http://127.0.0.1:8000 --rubric helpfulness --out runs/winrate
 
 Prints the summary as JSON and writes `samples.jsonl` + `summary.json` to `--out`. Importing
@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
 
 
 def winrate(
-    policy: Annotated[str, typer.Option(help="Trained policy: a PPO run directory (latest checkpoint), a checkpoint-N "
-                                             "directory, a save_pretrained directory, `default` or `hf:<id or path>`.")],
+    policy: Annotated[str, typer.Option(help="Trained policy: a PPO run directory or its `latest` link (newest checkpoint), "
+                                             "a checkpoint-N directory, a save_pretrained directory, `default` or `hf:<id or path>`.")],
     prompts: Annotated[Path, typer.Option(help="Held-out prompts: jsonl/json/parquet/csv or a save_to_disk directory.",
                                           exists=True)],
     base: Annotated[str, typer.Option(help="Initial policy to compare against (same forms as --policy).")] = "default",
@@ -46,6 +46,8 @@ def winrate(
     out: Annotated[Optional[Path], typer.Option(help="Directory for samples.jsonl and summary.json.")] = Path("runs/winrate"),
     judge_api_key_env: Annotated[str, typer.Option(help="Environment variable holding the service's bearer token.")] =
         "RLAIF_JUDGE_API_KEY",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr (per response and per chunk of comparisons, "
+                                                "with rate and ETA).")] = True,
 ) -> None:
     """Judged win rate of --policy vs --base on held-out prompts; prints JSON."""
     from rlaif.policy_training.winrate import WinRateSettings, run_winrate
@@ -59,5 +61,5 @@ def winrate(
         engine=None if judge_url else (engine or "default"), judge_url=judge_url, rubric=rubric, judge_mode=judge_mode,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size, device=device,
         out=str(out) if out is not None else None, judge_api_key=os.environ.get(judge_api_key_env) or None)
-    summary = run_winrate(settings)
+    summary = run_winrate(settings, progress=progress)
     typer.echo(json.dumps(summary, indent=2))

@@ -42,10 +42,12 @@ from rlaif.judge.cache import JudgmentCache
 from rlaif.judge.engines.base import Engine
 from rlaif.service import errors
 from rlaif.service.metrics import ServiceMetrics
-from rlaif.service.protocol import (ErrorDetail, ErrorResponse, GetRewardRequest, GetRewardResponse, HealthResponse,
+from rlaif.service.protocol import (ChecklistRequest, ChecklistResponse, ErrorDetail, ErrorResponse, GetRewardRequest,
+                              GetRewardResponse, GroupRewardsRequest, GroupRewardsResponse, HealthResponse,
                               PairwiseRequest, PairwiseResponse, ReadyResponse, RewardsRequest, RewardsResponse,
                               RubricDetail, RubricList, ScoreRequest, ScoreResponse)
-from rlaif.service.serving import JudgeService, RewardScorer, RubricCatalog, load_components, open_cache
+from rlaif.service.serving import (JudgeService, RewardScorer, RubricCatalog, load_components, load_served_calibrations,
+                                   open_cache)
 from rlaif.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class ServiceRuntime:
     def __init__(self, settings: ServiceSettings, engine: Engine | None, reward_model: RewardScorer | None) -> None:
         self.settings = settings
         self.catalog = RubricCatalog.from_settings(settings)  # fail fast on a bad rubric, before any model loads
+        self.calibrations = load_served_calibrations(settings, self.catalog)  # and on a bad calibration file
         self.metrics = ServiceMetrics()
         self.api_keys = [key.encode("utf-8") for key in settings.key_list()]
         self.service: JudgeService | None = None
@@ -95,7 +98,7 @@ class ServiceRuntime:
         self._cache = await asyncio.to_thread(open_cache, self.settings)
         service = JudgeService(engine, self.catalog, self.settings, cache=self._cache, reward_model=reward_model,
                                reward_model_name=reward_name or (str(self.settings.reward_model) if reward_model else None),
-                               metrics=self.metrics)
+                               metrics=self.metrics, calibrations=self.calibrations)
         await service.start()
         self.service = service
         self.status = "ready"
@@ -175,10 +178,20 @@ def _judge_router() -> APIRouter:
         """Direct scores (d-RLAIF): expected score under the label distribution, rescaled to [0, 1]."""
         return await service.score(body)
 
+    @router.post("/v1/judge/checklist", response_model=ChecklistResponse, responses=judged, tags=["judge"])
+    async def judge_checklist(body: ChecklistRequest, service: ServiceDep) -> ChecklistResponse:
+        """Per-item checklists (Rubrics as Rewards): weighted mean of P(yes) per criterion, or one implicit score."""
+        return await service.checklist(body)
+
     @router.post("/v1/rewards", response_model=RewardsResponse, responses=judged, tags=["rewards"])
     async def rewards(body: RewardsRequest, service: ServiceDep) -> RewardsResponse:
         """Trainer-facing batch: one reward per (prompt, response), with the judgment behind it."""
         return await service.rewards(body)
+
+    @router.post("/v1/rewards/group", response_model=GroupRewardsResponse, responses=judged, tags=["rewards"])
+    async def group_rewards(body: GroupRewardsRequest, service: ServiceDep) -> GroupRewardsResponse:
+        """Group-relative rewards for GRPO / RLOO: listwise (seeded orders averaged) or round robin + Bradley-Terry."""
+        return await service.group_rewards(body)
 
     @router.post("/get_reward", response_model=GetRewardResponse, responses=judged, tags=["rewards"])
     async def get_reward(body: GetRewardRequest, service: ServiceDep) -> GetRewardResponse:

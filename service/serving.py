@@ -32,27 +32,33 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from rlaif.judge.cache import JudgmentCache
+from rlaif.judge.calibration import Calibration, CalibrationError, load_calibrations
 from rlaif.judge.engines.base import Engine
+from rlaif.judge.checklist import DEFAULT_CHECKLIST_RUBRICS, ChecklistJudge
+from rlaif.judge.group import DEFAULT_GROUP_RUBRICS, GroupJudge
 from rlaif.judge.judges import PairwiseJudge, ScoreJudge
 from rlaif.judge.rubric import Rubric, RubricError, load_all_builtin, load_rubric
-from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
+from rlaif.judge.types import (ChecklistItem, ChecklistJudgment, Criterion, GroupItem, GroupJudgment, PairwiseItem,
+                               PairwiseJudgment, ScoreItem, ScoreJudgment)
 from rlaif.service import errors
 from rlaif.service.batcher import MicroBatcher
 from rlaif.service.metrics import ServiceMetrics
 from rlaif.service.openrlhf import RolloutSample, split_samples
-from rlaif.service.protocol import (CoTInfo, GetRewardRequest, GetRewardResponse, JudgeMode, PairwiseRequest,
-                              PairwiseResponse, RewardDetail, RewardsRequest, RewardsResponse, RubricDetail,
-                              RubricInfo, ScoreRequest, ScoreResponse)
+from rlaif.service.protocol import (ChecklistMode, ChecklistRequest, ChecklistResponse, CoTInfo, CriterionRequest,
+                              GetRewardRequest, GetRewardResponse, GroupRewardsRequest, GroupRewardsResponse,
+                              JudgeMode, PairwiseRequest, PairwiseResponse, RewardDetail, RewardsRequest,
+                              RewardsResponse, RubricDetail, RubricInfo, ScoreRequest, ScoreResponse)
 from rlaif.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 REWARD_MODEL_KEY = ("reward_model", "", "")
+AnyJudge = PairwiseJudge | ScoreJudge | ChecklistJudge | GroupJudge
 
 
 @runtime_checkable
 class RewardScorer(Protocol):
-    """What the service needs from a distilled reward model (`rlaif.policy_training.reward_model.RewardModel`)."""
+    """What the service needs from a distilled reward model (`rlaif.judge.reward_model.RewardModel`)."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
@@ -85,9 +91,9 @@ class RubricCatalog:
             defaults[kind] = rubric.id
         return cls(rubrics, pairwise_default=defaults["pairwise"], score_default=defaults["score"])
 
-    def resolve(self, rubric_id: str | None, kind: str) -> Rubric:
-        """The rubric a request names (or the default), checked to be of `kind`."""
-        rubric = self.rubrics.get(rubric_id or self.defaults[kind])
+    def resolve(self, rubric_id: str | None, kind: str, default: str | None = None) -> Rubric:
+        """The rubric a request names (or the default: `default`, else the served default of `kind`), checked to be of `kind`."""
+        rubric = self.rubrics.get(rubric_id or default or self.defaults[kind])
         if rubric is None:
             raise self._not_found(rubric_id or "")
         if rubric.kind != kind:
@@ -103,7 +109,7 @@ class RubricCatalog:
     def info(self, rubric: Rubric) -> RubricInfo:
         return RubricInfo(id=rubric.id, version=rubric.version, kind=rubric.kind, description=rubric.description.strip(),
                           labels=list(rubric.labels), modes=["logprob", "cot"] if rubric.cot else ["logprob"],
-                          default=self.defaults[rubric.kind] == rubric.id)
+                          default=self.defaults.get(rubric.kind) == rubric.id)
 
     def list(self) -> list[RubricInfo]:
         return [self.info(self.rubrics[rubric_id]) for rubric_id in sorted(self.rubrics)]
@@ -124,15 +130,21 @@ class JudgeService:
 
     def __init__(self, engine: Engine, catalog: RubricCatalog, settings: ServiceSettings, *,
                  cache: JudgmentCache | None = None, reward_model: RewardScorer | None = None,
-                 reward_model_name: str | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 reward_model_name: str | None = None, metrics: ServiceMetrics | None = None,
+                 calibrations: dict[str, Calibration] | None = None) -> None:
         self.engine = engine
+        self.calibrations = dict(calibrations or {})
+        for rubric_id, calibration in self.calibrations.items():  # a calibration of another model is refused at startup
+            rubric = catalog.resolve(rubric_id, "pairwise")
+            calibration.check(engine_id=engine.engine_id, rubric_id=rubric.id, rubric_version=rubric.version,
+                              rubric_fingerprint=rubric.fingerprint, mode=calibration.mode)
         self.catalog = catalog
         self.settings = settings
         self.cache = cache
         self.reward_model = reward_model
         self.reward_model_name = reward_model_name or ("reward_model" if reward_model is not None else None)
         self.metrics = metrics
-        self._judges: dict[Hashable, PairwiseJudge | ScoreJudge] = {}
+        self._judges: dict[Hashable, AnyJudge] = {}
         self.context_length: int | None = getattr(engine, "context_length", None)
         self.max_item_tokens, self.max_batch_tokens = settings.token_budget(self.context_length)
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
@@ -157,25 +169,61 @@ class JudgeService:
     # ------------------------------------------------------------------ endpoints
     async def pairwise(self, request: PairwiseRequest) -> PairwiseResponse:
         self._check_limits(len(request.items), (
-            (f"items.{i}.{name}", getattr(item, name)) for i, item in enumerate(request.items)
-            for name in ("prompt", "response_a", "response_b")))
+            (f"items.{i}.{name}", getattr(item, name) or "") for i, item in enumerate(request.items)
+            for name in ("prompt", "response_a", "response_b", "reference")))
         key = self._judge_key("pairwise", request.rubric, request.mode)
-        items = [PairwiseItem(prompt=it.prompt, response_a=it.response_a, response_b=it.response_b) for it in request.items]
+        items = [PairwiseItem(prompt=it.prompt, response_a=it.response_a, response_b=it.response_b, reference=it.reference)
+                 for it in request.items]
         return PairwiseResponse(judgments=await self._judge(key, items))
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         self._check_limits(len(request.items), (
-            (f"items.{i}.{name}", getattr(item, name)) for i, item in enumerate(request.items)
-            for name in ("prompt", "response")))
+            (f"items.{i}.{name}", getattr(item, name) or "") for i, item in enumerate(request.items)
+            for name in ("prompt", "response", "reference")))
         key = self._judge_key("score", request.rubric, request.mode)
-        items = [ScoreItem(prompt=it.prompt, response=it.response) for it in request.items]
+        items = [ScoreItem(prompt=it.prompt, response=it.response, reference=it.reference) for it in request.items]
         return ScoreResponse(judgments=await self._judge(key, items))
+
+    async def checklist(self, request: ChecklistRequest) -> ChecklistResponse:
+        """Per-item checklists (`rlaif.judge.checklist`): explicit yes/no per criterion, or implicit in one prompt."""
+        self._check_limits(len(request.items), (
+            (where, text) for i, item in enumerate(request.items)
+            for where, text in _item_texts(f"items.{i}", item.prompt, item.response, item.reference, item.criteria)))
+        key = self._checklist_key(request.rubric, request.checklist_mode)
+        items = [ChecklistItem(prompt=it.prompt, response=it.response, criteria=_criteria(it.criteria),
+                               reference=it.reference) for it in request.items]
+        return ChecklistResponse(judgments=await self._judge(key, items))
+
+    async def group_rewards(self, request: GroupRewardsRequest) -> GroupRewardsResponse:
+        """Group-relative rewards (`rlaif.judge.group`): the total number of responses counts against max_items."""
+        self._check_limits(sum(len(g.responses) for g in request.groups), (
+            (where, text) for i, group in enumerate(request.groups)
+            for where, text in [(f"groups.{i}.prompt", group.prompt), (f"groups.{i}.reference", group.reference or ""),
+                                *((f"groups.{i}.responses.{j}", r) for j, r in enumerate(group.responses))]),
+            what="responses")
+        kind = "group" if request.method == "listwise" else "pairwise"
+        rubric = self._resolve(request.rubric, kind, DEFAULT_GROUP_RUBRICS["listwise"] if kind == "group" else None)
+        key = ("group", rubric.id, f"{request.method}:{request.orders}:{request.seed}")
+        if key not in self._judges:
+            self._judges[key] = self._build(lambda: GroupJudge(
+                self.engine, rubric, method=request.method, orders=request.orders, cache=self.cache, seed=request.seed,
+                tie_margin=self.settings.tie_margin))
+        groups = [GroupItem(prompt=g.prompt, responses=tuple(g.responses), reference=g.reference) for g in request.groups]
+        judged: list[GroupJudgment] = await self._judge(key, groups, where="groups")
+        signed = request.scale == "signed"
+        return GroupRewardsResponse(rewards=[[_rescale(v, signed) for v in j.scores] for j in judged], judgments=judged,
+                                    method=request.method, rubric_id=rubric.id, model=self.engine.model_name)
 
     async def rewards(self, request: RewardsRequest) -> RewardsResponse:
         self._check_limits(len(request.items), (
-            (f"items.{i}.{name}", value) for i, item in enumerate(request.items)
-            for name, value in (("prompt", item.prompt), ("response", item.response), ("reference", item.reference or ""))))
+            (where, text) for i, item in enumerate(request.items)
+            for where, text in [(f"items.{i}.reference", item.reference or ""),
+                                *_item_texts(f"items.{i}", item.prompt, item.response, item.reference_answer,
+                                             item.criteria or [], reference_name="reference_answer")]))
         prompts = [item.prompt for item in request.items]
+        answers = [item.reference_answer for item in request.items]
+        if request.mode != "checklist" and any(item.criteria is not None for item in request.items):
+            raise errors.InvalidRequest("`criteria` apply to mode='checklist' only; set mode='checklist' or drop them")
         responses = [item.response for item in request.items]
         signed = request.scale == "signed"
         if request.mode == "reward_model":
@@ -184,18 +232,29 @@ class JudgeService:
                                    mode="reward_model", rubric_id=None, model=self.reward_model_name or "")
         if request.mode == "score":
             key = self._judge_key("score", request.rubric, request.judge_mode)
-            scored: list[ScoreJudgment] = await self._judge(key, [ScoreItem(prompt=p, response=r)
-                                                                  for p, r in zip(prompts, responses)])
+            scored: list[ScoreJudgment] = await self._judge(key, [ScoreItem(prompt=p, response=r, reference=a)
+                                                                  for p, r, a in zip(prompts, responses, answers)])
             values = [_rescale(j.score, signed) for j in scored]
             details = [RewardDetail(reward=v, score=j) for v, j in zip(values, scored)]
+        elif request.mode == "checklist":
+            missing = [i for i, item in enumerate(request.items) if item.criteria is None]
+            if missing:
+                raise errors.InvalidRequest(f"mode=checklist grades each response against its `criteria`, which are "
+                                            f"missing at items {_few(missing)}")
+            key = self._checklist_key(request.rubric, request.checklist_mode)
+            checked: list[ChecklistJudgment] = await self._judge(key, [
+                ChecklistItem(prompt=item.prompt, response=item.response, criteria=_criteria(item.criteria or []),
+                              reference=item.reference_answer) for item in request.items])
+            values = [_rescale(j.score, signed) for j in checked]
+            details = [RewardDetail(reward=v, checklist=j) for v, j in zip(values, checked)]
         else:
             missing = [i for i, item in enumerate(request.items) if item.reference is None]
             if missing:
                 raise errors.InvalidRequest(f"mode=pairwise compares each response with its `reference`, which is "
                                             f"missing at items {_few(missing)}")
             key = self._judge_key("pairwise", request.rubric, request.judge_mode)
-            pairs = [PairwiseItem(prompt=item.prompt, response_a=item.response, response_b=item.reference or "")
-                     for item in request.items]
+            pairs = [PairwiseItem(prompt=item.prompt, response_a=item.response, response_b=item.reference or "",
+                                  reference=item.reference_answer) for item in request.items]
             compared: list[PairwiseJudgment] = await self._judge(key, pairs)
             values = [_rescale(j.prob_a, signed) for j in compared]
             details = [RewardDetail(reward=v, pairwise=j) for v, j in zip(values, compared)]
@@ -251,10 +310,10 @@ class JudgeService:
 
     # ------------------------------------------------------------------ helpers
     def _check_limits(self, count: int, texts: Iterable[tuple[str, str]], *, max_items: int | None = None,
-                      setting: str = "max_items") -> None:
+                      setting: str = "max_items", what: str = "items") -> None:
         limit = max_items or self.settings.max_items
         if count > limit:
-            raise errors.PayloadTooLarge(f"{count} items in one request, but this service accepts at most "
+            raise errors.PayloadTooLarge(f"{count} {what} in one request, but this service accepts at most "
                                          f"{setting}={limit}; split the request")
         max_chars = self.settings.max_chars
         for where, text in texts:
@@ -262,17 +321,45 @@ class JudgeService:
                 raise errors.PayloadTooLarge(f"{where} has {len(text)} characters, but this service accepts at most "
                                              f"max_chars={max_chars} per text")
 
+    def _resolve(self, rubric_id: str | None, kind: str, default: str | None = None) -> Rubric:
+        if default is not None and default not in self.catalog.rubrics and not rubric_id:
+            raise errors.InvalidRequest(f"this service does not serve the default {kind} rubric {default!r}; name a "
+                                        "served rubric in `rubric`")
+        return self.catalog.resolve(rubric_id, kind, default)
+
+    @staticmethod
+    def _build(make: Any) -> Any:
+        """A judge built from a request's choices; a rubric that cannot serve them is a 422, not a 500."""
+        try:
+            return make()
+        except (RubricError, ValueError) as exc:
+            raise errors.InvalidRequest(str(exc)) from None
+
+    def _checklist_key(self, rubric_id: str | None, checklist_mode: ChecklistMode) -> tuple[str, str, str]:
+        kind = "checklist" if checklist_mode == "explicit" else "score"
+        rubric = self._resolve(rubric_id, kind, DEFAULT_CHECKLIST_RUBRICS[checklist_mode])
+        key = ("checklist", rubric.id, checklist_mode)
+        if key not in self._judges:
+            self._judges[key] = self._build(lambda: ChecklistJudge(self.engine, rubric, checklist_mode=checklist_mode,
+                                                                   cache=self.cache))
+        return key
+
     def _judge_key(self, kind: str, rubric_id: str | None, mode: JudgeMode) -> tuple[str, str, str]:
         """Resolve the rubric, build (once) the judge for (kind, rubric, mode); 4xx on a bad combination."""
         rubric = self.catalog.resolve(rubric_id, kind)
+        if kind == "score" and rubric.uses_criteria:
+            raise errors.InvalidRequest(f"rubric {rubric.id!r} grades a checklist; use POST /v1/judge/checklist "
+                                        "(checklist_mode='implicit') or /v1/rewards with mode='checklist'")
         key = (kind, rubric.id, mode)
         if key not in self._judges:
             if mode == "cot" and rubric.cot is None:
                 raise errors.InvalidRequest(f"rubric {rubric.id!r} has no chain-of-thought section, so mode='cot' is "
                                             "unavailable; use mode='logprob' or a rubric whose modes include 'cot'")
             if kind == "pairwise":
+                calibration = self.calibrations.get(rubric.id)
                 self._judges[key] = PairwiseJudge(self.engine, rubric, mode=mode, tie_margin=self.settings.tie_margin,
-                                                  cache=self.cache)
+                                                  cache=self.cache,
+                                                  calibration=calibration if calibration and calibration.mode == mode else None)
             else:
                 self._judges[key] = ScoreJudge(self.engine, rubric, mode=mode, cache=self.cache)
         return key
@@ -290,10 +377,17 @@ class JudgeService:
         waiting for queue room instead of failing with 429."""
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         judge = self._judges[key]
+        try:
+            judge.check_items(items)  # type: ignore[arg-type]
+        except (RubricError, ValueError) as exc:  # a reference the rubric never shows, or one it needs and lacks
+            raise errors.InvalidRequest(str(exc)) from None
         counts: list[int] = await self._in_thread(judge.item_token_counts, items)
         self._check_tokens(counts, key, where)
-        per_item = _sequences_per_item(judge)
-        costs = [count * per_item for count in counts]
+        if isinstance(judge, (ChecklistJudge, GroupJudge)):
+            costs = [count * judge.sequences_per_item(item) for count, item in zip(counts, items)]
+        else:
+            per_item = _sequences_per_item(judge)
+            costs = [count * per_item for count in counts]
         if not chunked:
             return await self._submit(key, items, costs, deadline)
         return await self._submit_chunks(key, items, costs, deadline)
@@ -374,11 +468,22 @@ def load_components(settings: ServiceSettings, engine: Engine | None = None) -> 
         engine = build_engine(settings.engine)
     if settings.reward_model is None:
         return engine, None, None
-    from rlaif.policy_training.reward_model import RewardModel  # only imported when a reward model is served
+    from rlaif.judge.reward_model import RewardModel  # only imported when a reward model is served
 
     path = Path(settings.reward_model)
     reward_model = RewardModel.load(path, device=settings.reward_model_device, inference=True)
     return engine, reward_model, str(path)
+
+
+def load_served_calibrations(settings: ServiceSettings, catalog: RubricCatalog) -> dict[str, Calibration]:
+    """rubric id -> calibration from `settings.calibrations`; each must name a served pairwise rubric."""
+    calibrations = load_calibrations(settings.calibration_files())
+    for rubric_id in calibrations:
+        rubric = catalog.rubrics.get(rubric_id)
+        if rubric is None or rubric.kind != "pairwise":
+            raise CalibrationError(f"calibration for rubric {rubric_id!r}, which this service does not serve as a "
+                                   "pairwise rubric; add it with --rubric or RLAIF_EXTRA_RUBRICS")
+    return calibrations
 
 
 def open_cache(settings: ServiceSettings) -> JudgmentCache | None:
@@ -398,6 +503,17 @@ def _sigmoid(value: float) -> float:
         return 1.0 / (1.0 + math.exp(-value))
     exp = math.exp(value)
     return exp / (1.0 + exp)
+
+
+def _criteria(criteria: Sequence[CriterionRequest]) -> tuple[Criterion, ...]:
+    return tuple(Criterion(text=c.text, weight=c.weight) for c in criteria)
+
+
+def _item_texts(where: str, prompt: str, response: str, reference: str | None, criteria: Sequence[CriterionRequest],
+                *, reference_name: str = "reference") -> list[tuple[str, str]]:
+    """(location, text) of every user text of an item, for the max_chars check (criteria and reference included)."""
+    return [(f"{where}.prompt", prompt), (f"{where}.response", response), (f"{where}.{reference_name}", reference or ""),
+            *((f"{where}.criteria.{j}.text", c.text) for j, c in enumerate(criteria))]
 
 
 def _sequences_per_item(judge: PairwiseJudge | ScoreJudge) -> int:

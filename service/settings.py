@@ -36,8 +36,11 @@ class ServiceSettings(BaseSettings):
         "Comma-separated rubric YAML files served in addition to the built-in library. Requests can only "
         "name served rubrics, never arbitrary paths."))
     tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="Pairwise: |P(A) - 0.5| below this is a TIE.")
+    calibrations: str = Field("", description=(
+        "Comma-separated calibration files (`rlaif calibrate`), at most one per pairwise rubric; each is applied to "
+        "its rubric's judgments in the mode it was fit in. Checked against the engine at startup."))
     reward_model: Path | None = Field(None, description=(
-        "Directory of a distilled reward model (rlaif.policy_training.reward_model.RewardModel) to serve in "
+        "Directory of a distilled reward model (rlaif.judge.reward_model.RewardModel) to serve in "
         "/v1/rewards (mode=reward_model) and /get_reward."))
     reward_model_device: str = Field("cpu", description="Device of the served reward model.")
 
@@ -113,6 +116,10 @@ class ServiceSettings(BaseSettings):
         if self.max_batch_tokens is not None:
             item = min(item, self.max_batch_tokens)  # an item must fit in a batch
         return item, self.max_batch_tokens or 4 * item
+
+    def calibration_files(self) -> list[str]:
+        """`calibrations` as a list of paths."""
+        return [part.strip() for part in self.calibrations.split(",") if part.strip()]
 
     def rubric_files(self) -> list[str]:
         """`extra_rubrics` as a list (comma-separated, so one env var can name several files)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -35,8 +34,4 @@ def judgment_cache(tmp_path):
     cache.close()
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bound then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from rlaif.judge.engines.llamacpp_server import free_port  # noqa: E402,F401 - one helper, shared with the benchmarks

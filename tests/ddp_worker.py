@@ -43,14 +43,15 @@ def main() -> None:
         return fraction_of_x(prompt, response)
 
     fields = dict(policy=args.policy, batch_size=2, steps=2, max_new_tokens=6, temperature=1.0, learning_rate=3e-3,
-                  ppo_epochs=2, save_every=2, tensorboard=False, log_samples=1, output_dir=args.out, seed=0)
+                  ppo_epochs=2, save_every=2, keep_checkpoints=0, tensorboard=False, log_samples=1, output_dir=args.out,
+                  seed=0)
     initial = None
     first = PPOTrainer(PPOConfig(**fields), FunctionReward(reward), prompts=PROMPTS)
-    initial = [float(p.double().sum()) for p in first._trainable_parameters()]
+    initial = [float(p.double().sum()) for p in first.models.trainable_parameters()]
     first.train(progress=False)
     resumed = PPOTrainer(PPOConfig(**{**fields, "steps": 3, "resume": True}), FunctionReward(reward), prompts=PROMPTS)
     history = resumed.train(progress=False)
-    sums = [float(p.double().sum()) for p in resumed._trainable_parameters()]
+    sums = [float(p.double().sum()) for p in resumed.models.trainable_parameters()]
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"rank": dist.get_rank(), "param_sums": sums, "initial_sums": initial,
                                       "prompts": seen, "history": history})

@@ -99,8 +99,8 @@ def test_tournament_resumes_to_the_uninterrupted_result(tmp_path, default_engine
         run_best_of_n(interrupted, policy_engine=default_engine, judge=FailingJudge(local, fail_after=1))
     assert not (tmp_path / "interrupted" / "dataset").exists()
     resumed = run_best_of_n(interrupted, policy_engine=default_engine, judge_engine=default_engine)
-    reference = run_best_of_n(BestOfNConfig(out=tmp_path / "reference", **common),
-                              policy_engine=default_engine, judge_engine=default_engine)
+    run_best_of_n(BestOfNConfig(out=tmp_path / "reference", **common),  # an uninterrupted run of the same job
+                  policy_engine=default_engine, judge_engine=default_engine)
     assert resumed["resumed"] is True and resumed["timing"]["sessions"] == 2
     rows = datasets.load_from_disk(str(tmp_path / "interrupted" / "dataset")).to_list()
     assert rows == datasets.load_from_disk(str(tmp_path / "reference" / "dataset")).to_list()

@@ -1,5 +1,6 @@
 """Tests for judge/data.py: preference and prompt loaders on real slices (tests/data/) and
-hand-written edge cases. Expected values were checked by reading the rows themselves."""
+hand-written edge cases. Expected values were checked by reading the rows themselves.
+(Over 500 lines: one table-driven block per format, mirroring judge/data.py.)"""
 
 from __future__ import annotations
 
@@ -409,7 +410,7 @@ def test_explicit_column_uses_exactly_that_field() -> None:
     [
         ("turns[5]", r"mt_bench_questions_sample\.jsonl: row 0: no field 'turns\[5\]'"),
         ("nope", r"mt_bench_questions_sample\.jsonl: row 0: no field 'nope'; fields are \['category', 'question_id', 'turns'\]"),
-        ("turns", r"row 0: the prompt field holds a list.*column='name\[0\]'"),
+        ("turns", r"row 0: the prompt field holds a list.*--prompt-column 'name\[0\]'"),
         ("turns[", r"cannot parse column path"),
     ],
 )
@@ -420,7 +421,7 @@ def test_prompt_column_errors(column: str, message: str) -> None:
 
 def test_undetectable_prompt_column_asks_for_column(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "why?"}])
-    expected = r"qa\.jsonl: cannot tell which field holds the prompt among \['question'\]; pass column="
+    expected = r"qa\.jsonl: cannot tell which field holds the prompt among \['question'\]; choose it with --prompt-column"
     with pytest.raises(ValueError, match=expected):
         load_prompts(path)
     assert load_prompts(path, column="question") == [PromptRecord(id="qa-0", text="why?")]

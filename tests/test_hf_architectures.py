@@ -1,5 +1,8 @@
 """Shared-prefix KV reuse across architectures: exact where the rule says so, refused where it is not.
 
+(Over 500 lines: one table of tiny architectures, each with its expected verdict, and the checks
+that run over all of them; splitting the table would split the rule it pins.)
+
 `HFEngine` runs a shared prefix once and lays rows out as [prefix][pad][ancestors][pad][tokens]
 with explicit `position_ids` and a mask with holes. That is exact only for some architectures
 (`rlaif.judge.engines.exactness`). This file pins the rule on tiny randomly initialised models of
@@ -14,7 +17,7 @@ several architectures, all with the embedded SmolLM2 tokenizer (vocab 49152):
 (c) the engine actually shares where it may (a speed regression must not pass silently) and does
     not where it must not.
 
-Run: `RLAIF_CACHE_DIR=/work/cache pytest tests/test_hf_architectures.py` (about 30 s on 2 cores).
+Run: `RLAIF_CACHE_DIR=~/.cache/rlaif pytest tests/test_hf_architectures.py` (about 30 s on 2 cores).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from rlaif.policy_training.config import ConfigError, PPOConfig
 from rlaif.policy_training.judge_rewards import (HTTPJudgeReward, LocalJudgeReward, RubricWeight, load_reference_table,
                                            parse_rubric_weights, weighted_sum)
 from rlaif.policy_training.ppo import MissingRewardError, PPOTrainer
-from rlaif.policy_training.rewards import RunningNormalizer, build_reward_source
+from rlaif.policy_training.rewards import RunningNormalizer
+from rlaif.policy_training.sources import build_reward_source
 from rlaif.service.app import create_app
 from rlaif.service.client import JudgeServiceError
 from rlaif.service.settings import ServiceSettings
@@ -340,13 +341,13 @@ def test_trainer_supplies_cached_greedy_references_and_logs_judge_metrics(tiny_p
     assert not inner.needs_reference  # the trainer bound its generator through the wrapper
 
     generated = []
-    original = trainer._run_generate
+    original = trainer.collector.run_generate
 
     def counting(model, query_ids, query_mask, gen_config):
         generated.append((gen_config.do_sample, query_ids.shape[0]))
         return original(model, query_ids, query_mask, gen_config)
 
-    monkeypatch.setattr(trainer, "_run_generate", counting)
+    monkeypatch.setattr(trainer.collector, "run_generate", counting)
     trainer.train(progress=False)
     greedy_calls = [n for sample, n in generated if not sample]
     assert greedy_calls == [2], "each distinct prompt's reference is generated once, greedily, then cached"
@@ -354,21 +355,21 @@ def test_trainer_supplies_cached_greedy_references_and_logs_judge_metrics(tiny_p
     assert refs == trainer.reference_responses(["a b", "c d"]) and len(generated) == 3  # 2 rollouts + 1 reference batch
 
     # The reward of the last batch is P(response beats the initial policy's greedy answer).
-    rollout_prompts = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    rollout_prompts = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     last = [s for s in rollout_prompts if s["step"] == 2]
     items = [PairwiseItem(prompt=s["prompt"], response_a=s["response"],
                           response_b=trainer.reference_responses([s["prompt"]])[0]) for s in last]
     want = [j.prob_a for j in PairwiseJudge(engine, "helpfulness").judge(items)]
     assert [s["reward"] for s in last] == pytest.approx(want)
 
-    metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for record in metrics:
         assert record["judge_latency_s"] >= 0 and math.isfinite(record["judge_reference_s"])
         assert "reward/judge" in record and record["judge_missing"] == 0  # the default-rubric term
 
 
 def test_docs_config_reference_is_current():
-    # docs/ppo.md embeds the generated table; regenerate with `python -m policy_training.config --markdown`.
+    # docs/ppo.md embeds the generated table; regenerate with `python -m rlaif.policy_training.config --markdown`.
     from pathlib import Path
 
     from rlaif.policy_training.config import config_reference_markdown

@@ -9,6 +9,7 @@ weak 135M model, so the tests pin mechanics, never label quality.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,10 @@ def test_label_best_worst_end_to_end(tmp_path, default_engine):
     assert again["resumed"] is True and again["batches_resumed"] == 2
     assert again["timing"]["samples_per_s"] is None and again["timing"]["judgments_per_s"] is None
     assert again["rows"] == 0 and sum(again["dropped"].values()) == 3
+    # ... and says that the filters threw the soft signal away (the defaults keep every pair, ties included)
+    assert any(re.search(r"removed (\d+) of \1 judged pairs \(100%\)", w) and "soft judge_prob" in w
+               for w in again["warnings"])
+    assert not any("judged pairs" in w for w in summary["warnings"])
     assert datasets.load_from_disk(str(tmp_path / "run" / "dataset")).features == label_features("conversational")
 
     with pytest.raises(ResumeConflict, match="n: 3 -> 2"):

@@ -58,9 +58,9 @@ def one_step(config: PPOConfig) -> tuple[list[list[torch.Tensor]], torch.Tensor,
     trainer = PPOTrainer(config, FunctionReward(distinct_words), prompts=PROMPTS)
     use_fixed_rollouts(trainer)
     gradients = record_step_gradients(trainer)
-    before = torch.cat([p.detach().flatten() for p in trainer._trainable_parameters()])
+    before = torch.cat([p.detach().flatten() for p in trainer.models.trainable_parameters()])
     record = trainer.step()
-    after = torch.cat([p.detach().flatten() for p in trainer._trainable_parameters()])
+    after = torch.cat([p.detach().flatten() for p in trainer.models.trainable_parameters()])
     return gradients, after - before, record
 
 

@@ -7,6 +7,8 @@ each test takes a second or two on CPU.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from typer.testing import CliRunner
 from rlaif.policy_training.cli import config_from_cli, register
 from rlaif.policy_training.config import ConfigError, PPOConfig
 from rlaif.policy_training.ppo import PLOT_FILE, PPOTrainer
-from rlaif.policy_training.rewards import FunctionReward, build_reward_source
+from rlaif.policy_training.rewards import FunctionReward
+from rlaif.policy_training.sources import build_reward_source
 from tests.tiny_policy import PROMPTS, make_tiny_policy
 
 
@@ -108,13 +111,15 @@ def test_checkpoint_then_resume(tiny_policy, tmp_path, variant):
     first = trainer_for(small_config(tiny_policy, tmp_path, variant, steps=4, save_every=2))
     first.train(progress=False)
 
-    for step in (2, 4):
-        ckpt = tmp_path / f"checkpoint-{step}"
-        assert (ckpt / ".complete").is_file()
-        assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
-        assert (ckpt / "optimizer.pt").is_file() and (ckpt / "rng_state.pt").is_file()
-        assert (ckpt / "policy" / ("adapter_config.json" if "lora" in variant else "config.json")).is_file()
-        assert (ckpt / "value" / "value_head.safetensors").is_file() == (VARIANTS[variant]["estimator"] == "ppo")
+    # keep_checkpoints defaults to 1: checkpoint-2 was deleted once checkpoint-4 was complete.
+    assert not (tmp_path / "checkpoint-2").exists()
+    ckpt = tmp_path / "checkpoint-4"
+    assert (ckpt / ".complete").is_file()
+    assert (tmp_path / "latest").resolve() == ckpt.resolve()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "rng_state.pt").is_file()
+    assert (ckpt / "policy" / ("adapter_config.json" if "lora" in variant else "config.json")).is_file()
+    assert (ckpt / "value" / "value_head.safetensors").is_file() == (VARIANTS[variant]["estimator"] == "ppo")
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     png = tmp_path / PLOT_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,6 +160,54 @@ def test_checkpoint_then_resume(tiny_policy, tmp_path, variant):
     assert resumed.step_count == 6
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert PPOTrainer.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (tmp_path / "latest").resolve() == (tmp_path / "checkpoint-6").resolve()
+
+
+# ----------------------------------------------------------------------------- disk: retention, optimizer opt-out
+
+
+@pytest.mark.parametrize(("keep", "left"), [(2, [4, 6]), (0, [2, 4, 6])])
+def test_keep_checkpoints_keeps_the_newest(tiny_policy, tmp_path, keep, left):
+    trainer_for(small_config(tiny_policy, tmp_path, "rloo", steps=6, save_every=2, keep_checkpoints=keep)).train(
+        progress=False)
+    assert sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*")) == left
+    assert os.readlink(tmp_path / "latest") == "checkpoint-6"  # relative: survives moving the run directory
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_without_optimizer_state_resume_says_it_restarts_the_optimizer(tiny_policy, tmp_path, caplog):
+    first = trainer_for(small_config(tiny_policy, tmp_path, steps=2, save_every=2, save_optimizer=False))
+    first.train(progress=False)
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / ".complete").is_file() and not (ckpt / "optimizer.pt").exists()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["optimizer_saved"] is False
+    assert first.policy_optimizer.state_dict()["state"], "the live optimizer did have state to leave out"
+
+    with caplog.at_level(logging.WARNING, logger="rlaif.policy_training.checkpoint"):
+        resumed = trainer_for(small_config(tiny_policy, tmp_path, steps=3, save_every=2, resume=True))
+    assert resumed.step_count == 2
+    assert any("no optimizer state" in r.message and "FRESH AdamW state" in r.message for r in caplog.records)
+    assert not resumed.policy_optimizer.state_dict()["state"], "AdamW moments must start from zero"
+    for a, b in zip(first.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b), "the weights are still restored"
+    resumed.train(progress=False)
+    assert resumed.step_count == 3 and (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()
+    assert not ckpt.exists()
+
+
+def test_winrate_reads_the_latest_link(tiny_policy, tmp_path):
+    from rlaif.policy_training.winrate import resolve_policy_spec
+
+    trainer_for(small_config(tiny_policy, tmp_path, "rloo", steps=2, save_every=1)).train(progress=False)
+    policy_dir = str(tmp_path / "latest" / "policy")
+    assert resolve_policy_spec(str(tmp_path / "latest")) == policy_dir
+    assert Path(policy_dir).resolve() == (tmp_path / "checkpoint-2" / "policy").resolve()
+    (tmp_path / "latest").unlink()  # e.g. copied by a tool that drops symlinks: the name still resolves
+    assert resolve_policy_spec(str(tmp_path / "latest")) == str(tmp_path / "checkpoint-2" / "policy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        resolve_policy_spec(str(tmp_path / "empty" / "latest"))
 
 
 def test_resume_continues_like_an_uninterrupted_run(tiny_policy, tmp_path):
@@ -240,6 +293,47 @@ def test_cli_registers_ppo_and_requires_a_judge(tmp_path):
     result = runner.invoke(app, ["ppo", "--prompts", str(prompts), "--steps", "1"], terminal_width=200)
     assert result.exit_code == 2
     assert "give --judge-url URL" in result.output and "--engine SPEC" in result.output and "--reward-model DIR" in result.output
+
+
+def test_ppo_help_shows_the_config_defaults():
+    from rlaif.cli import build_app
+
+    help_text = CliRunner().invoke(build_app(), ["ppo", "--help"], terminal_width=250, env={"COLUMNS": "250"}).output
+    lines: dict[str, str] = {}  # option -> its help text, wrapped lines joined
+    flag = ""
+    for line in help_text.splitlines():
+        if line.startswith("│ --"):
+            flag = line.split()[1]
+        if flag and line.startswith("│"):
+            lines[flag] = lines.get(flag, "") + " " + line.strip("│ ")
+    for flag, default in (("--steps", "100"), ("--batch-size", "8"), ("--keep-checkpoints", "1"),
+                          ("--estimator", "ppo"), ("--output-dir", "runs/ppo"), ("--clip-range", "0.2")):
+        assert f"[default: {default}]" in lines[flag], (flag, lines[flag])
+    assert "[default: save-optimizer]" in lines["--save-optimizer"]
+    assert "<bool>" not in help_text
+
+
+def test_cli_defaults_never_override_the_yaml_file(tmp_path, monkeypatch):
+    """The flags show the config defaults, but only flags actually typed override the file."""
+    import rlaif.policy_training.cli as cli
+
+    seen: list[PPOConfig] = []
+    monkeypatch.setattr(cli, "run_ppo", lambda config: seen.append(config) or tmp_path)
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump({"steps": 7, "engine": "default", "prompts": str(tmp_path / "p.txt"),
+                                    "logging": {"keep_checkpoints": 3}, "estimator": "rloo", "group_size": 2}))
+    result = CliRunner().invoke(app, ["ppo", "--config", str(path), "--batch-size", "2", "--no-save-optimizer"])
+    assert result.exit_code == 0, result.output
+    [config] = seen
+    assert (config.steps, config.keep_checkpoints, config.estimator, config.batch_size) == (7, 3, "rloo", 2)
+    assert config.save_optimizer is False and config.tensorboard is True
 
 
 def test_cli_flags_override_the_yaml_file(tmp_path):

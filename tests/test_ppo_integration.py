@@ -25,7 +25,8 @@ from rlaif.judge.judges import PairwiseJudge
 from rlaif.judge.types import PairwiseItem
 from rlaif.policy_training.config import ConfigError, PPOConfig
 from rlaif.policy_training.ppo import PPOTrainer
-from rlaif.policy_training.rewards import FunctionReward, build_reward_source
+from rlaif.policy_training.rewards import FunctionReward
+from rlaif.policy_training.sources import build_reward_source
 from rlaif.service.app import create_app
 from rlaif.service.settings import ServiceSettings
 from tests.fake_engines import ServerThread
@@ -60,7 +61,7 @@ def test_two_ppo_steps_against_the_judge_service_with_checkpoint_and_resume(defa
         first = PPOTrainer(PPOConfig(**fields), build_reward_source(PPOConfig(**fields)))
         first.train(progress=False)
         assert (tmp_path / "run" / "checkpoint-1" / ".complete").is_file()
-        references = dict(first._reference_cache)
+        references = dict(first.collector._reference_cache)
         del first
 
         resumed_config = PPOConfig(**{**fields, "steps": 2, "resume": True})
@@ -116,7 +117,7 @@ def test_shared_values_read_the_state_before_each_response_token(tiny_policy, tm
     torch.nn.init.normal_(trainer.value_head.weight)  # zero-initialized heads would hide a misalignment
     rollout = trainer.generate(TINY_PROMPTS[:3])
     idx = torch.arange(3)
-    logits, values = trainer._policy_forward(trainer.policy, rollout, idx, with_values=True)
+    logits, values = trainer.collector.policy_forward(trainer.policy, rollout, idx, with_values=True)
     input_ids, attention_mask, position_ids = sequence_inputs(rollout.query_ids, rollout.query_mask,
                                                               rollout.response_ids, rollout.response_mask)
     hidden = trainer.policy.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -124,7 +125,7 @@ def test_shared_values_read_the_state_before_each_response_token(tiny_policy, tm
     P, R = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
     want = trainer.value_head(hidden[:, P - 1:P + R - 1]).squeeze(-1)  # (3, R)
     torch.testing.assert_close(values, want)
-    torch.testing.assert_close(logits, trainer._policy_logits(trainer.policy, rollout, idx))
+    torch.testing.assert_close(logits, trainer.collector.policy_logits(trainer.policy, rollout, idx))
 
 
 def test_shared_critic_trains_policy_and_head(tiny_policy, tmp_path, one_thread):

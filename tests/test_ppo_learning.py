@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlaif.policy_training import ppo as ppo_module
+from rlaif.policy_training import estimators as ppo_module  # the estimators' loss functions call policy_loss
 from rlaif.policy_training.config import PPOConfig
+from rlaif.policy_training.estimators import AdvantageInputs, compute_advantages
 from rlaif.policy_training.ppo import MissingRewardError, PPOTrainer, Rollout
 from rlaif.policy_training.rewards import (
     FunctionReward,
@@ -123,7 +124,8 @@ def test_score_lands_on_last_real_token_with_per_token_kl(tiny_policy, tmp_path)
     kl = torch.tensor([[1.0, 2.0, 3.0, 99.0], [0.5, 99.0, 99.0, 99.0]])  # 99 = after EOS, must not count
     score = torch.tensor([1.0, 2.0])
     stats = {"values": torch.zeros(2, 4)}
-    adv, returns, usable = trainer._advantages(stats, mask, score, score, kl, torch.tensor([True, True]))
+    adv, returns, usable = compute_advantages(trainer.config.ppo, trainer.kl_ctl.value,
+                                              AdvantageInputs(mask, score, score, kl, torch.tensor([True, True]), stats["values"]))
     # row 0: token rewards [-0.1, -0.2, -0.3 + 1] -> A = [0.4, 0.5, 0.7]; row 1: [-0.05 + 2] -> 1.95
     torch.testing.assert_close(adv, torch.tensor([[0.4, 0.5, 0.7, 0.0], [1.95, 0.0, 0.0, 0.0]]))
     torch.testing.assert_close(returns, adv)  # values are 0
@@ -136,8 +138,9 @@ def test_rloo_advantage_is_shared_by_every_token(tiny_policy, tmp_path):
     trainer = PPOTrainer(config, FunctionReward(fraction_of_x), prompts=PROMPTS)
     mask = torch.tensor([[True, True], [True, False]])
     seq_reward = torch.tensor([1.0, 3.0])  # peers' baselines: 3 and 1 -> advantages -2 and +2
-    adv, returns, _ = trainer._advantages({}, mask, seq_reward, seq_reward, torch.zeros(2, 2),
-                                          torch.tensor([True, True]))
+    adv, returns, _ = compute_advantages(trainer.config.ppo, trainer.kl_ctl.value,
+                                         AdvantageInputs(mask, seq_reward, seq_reward, torch.zeros(2, 2),
+                                                         torch.tensor([True, True]), None))
     assert returns is None and trainer.value_model is None
     torch.testing.assert_close(adv, torch.tensor([[-2.0, -2.0], [2.0, 2.0]]))
 
@@ -148,14 +151,14 @@ def _padding_invariance(trainer: PPOTrainer, prompts: list[str]) -> None:
         torch.nn.init.normal_(trainer.value_model.head.weight, std=0.1)
     torch.manual_seed(0)
     rollout = trainer.generate(prompts)
-    batched = trainer._rollout_stats(rollout)
+    batched = trainer.collector.stats(rollout)
     assert len(set(rollout.query_mask.sum(1).tolist())) > 1, "prompts of different lengths are needed"
     for i in range(len(prompts)):
         n = int(rollout.response_mask[i].sum())
         q = rollout.query_ids[i][rollout.query_mask[i].bool()][None]  # (1, P_i) no padding
         single = Rollout([prompts[i]], [""], q, torch.ones_like(q), rollout.response_ids[i:i + 1, :n],
                          rollout.response_mask[i:i + 1, :n], rollout.has_eos[i:i + 1])
-        alone = trainer._rollout_stats(single)
+        alone = trainer.collector.stats(single)
         for key, value in batched.items():
             assert torch.isfinite(value).all(), f"{key} has non-finite entries"
             torch.testing.assert_close(value[i, :n], alone[key][0], atol=1e-4, rtol=1e-4,
@@ -275,3 +278,21 @@ def test_trl_adapters_follow_trl_calling_convention():
     afunc = trl_async_reward_func(source)
     assert is_async_callable(afunc)
     assert asyncio.run(afunc(prompts=["q"], completions=["a"], log_metric=None)) == [0.0]
+
+
+def test_generation_logprobs_match_a_forward_pass(tiny_policy, tmp_path):
+    # The rollout keeps the sampler's own log-probs instead of a second policy pass; they must be the
+    # log-probs a forward pass over prompt + response gives (temperature applied, padding ignored).
+    import dataclasses
+
+    config = PPOConfig(policy=tiny_policy, max_new_tokens=10, temperature=0.7, output_dir=str(tmp_path),
+                       tensorboard=False)
+    trainer = PPOTrainer(config, FunctionReward(fraction_of_x), prompts=PROMPTS)
+    torch.manual_seed(0)
+    rollout = trainer.generate(PROMPTS * 2)
+    assert rollout.logprobs is not None and rollout.entropy is not None
+    kept = trainer.collector.stats(rollout)
+    recomputed = trainer.collector.stats(dataclasses.replace(rollout, logprobs=None, entropy=None))
+    mask = rollout.response_mask
+    for key in ("logprobs", "entropy"):
+        torch.testing.assert_close(kept[key][mask], recomputed[key][mask], atol=1e-4, rtol=1e-4)

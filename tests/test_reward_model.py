@@ -1,5 +1,8 @@
 """Distilled reward model (`rlaif train-rm`, RewardModel, RewardModelReward).
 
+(About 600 lines: format, losses, training, evaluation and CLI share the tiny-base fixtures,
+which build a model each; one module keeps them built once.)
+
 Most tests use a tiny random Llama (2 blocks, width 32) with the real SmolLM2 tokenizer, saved
 to a temp dir and used as `--base`: training mechanics, the input format and batching do
 not depend on model size, and the tiny model trains in seconds. Equivalence of the
@@ -29,7 +32,7 @@ from rlaif.policy_training.reward_model import (
     hard_bradley_terry_loss,
     soft_bradley_terry_loss,
 )
-from rlaif.policy_training.rm_training import (
+from rlaif.policy_training.reward_model import (  # training side
     LabeledPair,
     RMTrainConfig,
     RewardModelTrainer,
@@ -449,7 +452,7 @@ def test_inference_packing_keeps_the_scores(tmp_path, plain_checkpoint_dir):
 
 def test_reward_model_reward_returns_the_scores(tmp_path, tiny_base):
     from rlaif.policy_training.rewards import RewardSource
-    from rlaif.policy_training.rm_reward import RewardModelReward
+    from rlaif.policy_training.reward_model import RewardModelReward
 
     rm = RewardModel.from_base(str(tiny_base), max_length=128)
     rm.save(tmp_path / "rm")
@@ -494,6 +497,10 @@ def test_cli_train_rm_end_to_end(tmp_path, tiny_base):
     assert metrics["data"]["train_pairs"] == 30 and metrics["data"]["eval_pairs"] == 10
     assert metrics["human_eval"]["n"] == 8 and 0.0 <= metrics["human_eval"]["agreement"] <= 1.0
     assert metrics["training"]["steps"] == 2 * math.ceil(math.ceil(30 / 4) / 2)
+    # The bar on stderr moves per optimizer step to the step count, with a rate; evals print above it.
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("train-rm")]
+    assert bar and "8/8" in bar[-1] and ("step/s" in bar[-1] or "s/step" in bar[-1]), bar[-3:]
+    assert "held-out eval" in result.stderr and "human eval" in result.stderr
     assert json.loads((out / "metrics.json").read_text())["eval"]["agreement"] == metrics["eval"]["agreement"]
     card = (out / "README.md").read_text()
     assert "held-out vs judge, after training" in card and "llmbar_natural_sample.json" in card

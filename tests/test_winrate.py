@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,12 @@ def test_winrate_cli_end_to_end_identical_models_tie(tmp_path):
         "winrate", "--base", "default", "--policy", "default", "--prompts", str(prompts), "--limit", "3",
         "--engine", "default", "--max-new-tokens", "6", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["n"] == 3 and summary["ties"] == 3 and summary["win_rate"] == pytest.approx(0.5)
+    # One bar per stage on stderr, each run to its total (responses, then pairs), with a rate.
+    for stage, unit in (("base answers", "response"), ("policy answers", "response"), ("judging", "pair")):
+        bar = [line for line in re.split(r"[\r\n]", result.stderr) if f"winrate: {stage}" in line]
+        assert bar and "3/3" in bar[-1] and (f"{unit}/s" in bar[-1] or f"s/{unit}" in bar[-1]), (stage, bar)
     assert summary["mean_prob_policy_better"] == pytest.approx(0.5, abs=1e-6)
     assert summary["length_controlled_win_rate"] == pytest.approx(0.5, abs=1e-6)
     assert summary["mean_length_tokens"]["policy"] == summary["mean_length_tokens"]["base"] > 0

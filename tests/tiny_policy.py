@@ -73,7 +73,7 @@ def fixed_rollout(trainer: PPOTrainer, prompts: Sequence[str]) -> Rollout:
     for prompt in prompts:
         k = seen[prompt] = seen.get(prompt, -1) + 1
         texts.append(FIXED_RESPONSES[(sum(map(ord, prompt)) + k) % len(FIXED_RESPONSES)])
-    query_ids, query_mask = trainer._encode_batch(prompts)
+    query_ids, query_mask = trainer.collector.encode_batch(prompts)
     rows = [trainer.tokenizer(t, add_special_tokens=False)["input_ids"] + [trainer.eos_ids[0]] for t in texts]
     R = max(len(r) for r in rows)
     response_ids = torch.full((len(rows), R), trainer.tokenizer.pad_token_id, dtype=torch.long)  # (N, R)

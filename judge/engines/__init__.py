@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from rlaif.judge.engines.base import Engine, EngineError, GenerationParams
 
-__all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "parse_engine_spec"]
+__all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "parse_engine_spec", "validate_engine_spec"]
 
 _INT_OPTIONS = {"max_batch_size", "max_batch_tokens", "max_wave_tokens", "tensor_parallel_size", "max_model_len",
                 "prefix_cache_entries", "max_retries", "concurrency", "top_logprobs", "batch_overhead_tokens", "seed"}
@@ -92,10 +92,29 @@ def _engine_class(backend: str) -> type:
     return VLLMEngine
 
 
+def validate_engine_spec(spec: str) -> tuple[str, str, dict[str, object]]:
+    """Everything that can be checked about a spec without loading a model, in one place; returns the parse.
+
+    Syntax, option names (with "did you mean"), the `openai:` model part, and that the model exists:
+    a local folder or file, a model in the Hugging Face cache, or one the hub confirms (offline is
+    reported at once; `rlaif.judge.models.check_model_source`). Every command calls it before it loads
+    anything, and `build_engine` calls it first."""
+    backend, target, options = parse_engine_spec(spec)
+    from rlaif.judge.models import check_model_source, default_model_available
+
+    if backend == "default":
+        default_model_available()
+    elif backend in {"hf", "vllm"}:
+        check_model_source(target)
+    elif not target.partition("#")[2]:
+        raise ValueError(f"openai engine spec needs a model after '#': openai:<base_url>#<model>, got {spec!r}")
+    check_engine_options(backend, options)  # imports the engine class (and torch): after the cheap checks
+    return backend, target, options
+
+
 def build_engine(spec: str = "default") -> Engine:
     """Construct the engine a spec names. Heavy backends are imported only when used."""
-    backend, target, options = parse_engine_spec(spec)
-    check_engine_options(backend, options)
+    backend, target, options = validate_engine_spec(spec)
     if backend == "default":
         from rlaif.judge.engines.hf import HFEngine
         from rlaif.judge.models import DEFAULT_MODEL_NAME, plain_checkpoint

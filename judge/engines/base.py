@@ -322,3 +322,35 @@ def ending_token_mask(label: str, labels: Sequence[str], texts: Sequence[str], s
     """(V,) bool: which next tokens end `label` (see `ends_label`)."""
     return np.fromiter((ends_label(label, text, labels, special=bool(flag)) for text, flag in zip(texts, special)),
                        dtype=bool, count=len(texts))
+
+
+class LocalTokenizerMixin:
+    """The tokenization half of the engine protocol for engines that hold a HF tokenizer (hf, vllm),
+    and the per-label-set masks of tokens that end each label (`ending_token_mask`), built once per set.
+
+    Both engines then tokenize prompts and labels, and decide where a label ends, with one code path.
+    """
+
+    tokenizer: Any
+    _following: tuple[list[str], np.ndarray] | None = None
+    _label_endings: dict[tuple[str, ...], list[np.ndarray]]
+
+    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
+        return [len(self.encode_prompt(p)) for p in prompts]
+
+    def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
+        return encode_chat_prompt(self.tokenizer, prompt)
+
+    def encode_label(self, label: str) -> list[int]:
+        return encode_label_ids(self.tokenizer, label)
+
+    def label_ending_masks(self, labels: tuple[str, ...]) -> list[np.ndarray]:
+        """(V_tokenizer,) bool mask per label of the tokens that may follow it and end it, cached per label set."""
+        if not hasattr(self, "_label_endings"):
+            self._label_endings = {}
+        if labels not in self._label_endings:
+            if self._following is None:
+                self._following = vocab_following_texts(self.tokenizer)
+            texts, special = self._following
+            self._label_endings[labels] = [ending_token_mask(label, labels, texts, special) for label in labels]
+        return self._label_endings[labels]

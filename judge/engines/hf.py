@@ -1,5 +1,8 @@
 """`HFEngine`: judge and generate with a transformers causal LM on CPU or CUDA.
 
+(Over 500 lines on purpose: the radix-tree planner and the batched forward it drives share
+private row/node types and one exactness rule; split apart they would need them as public API.)
+
 What makes it fast, and why it stays exact:
 - **Exact labels.** `label_logprobs` returns log P(the reply is exactly the label) (the project's
   one label semantics, `rlaif.judge.engines.base`): the label's tokens, then a token that ends it,
@@ -53,12 +56,9 @@ from rlaif.judge.cpu_kernels import use_onednn_linears
 from rlaif.judge.engines.base import (
     EngineError,
     GenerationParams,
+    LocalTokenizerMixin,
     check_labels,
-    encode_chat_prompt,
-    encode_label_ids,
-    ending_token_mask,
     tokenizer_special_tokens,
-    vocab_following_texts,
 )
 from rlaif.judge.engines.exactness import SharingSupport, prefix_sharing_support
 from rlaif.judge.models import load_causal_lm, model_fingerprint, module_fingerprint
@@ -87,13 +87,15 @@ class EngineStats:
     shared_calls: int = 0
     plain_calls: int = 0
     prefix_cache_hits: int = 0
+    tokens_generated: int = 0
+    """Tokens sampled by `generate` (stop tokens excluded)."""
 
     def reset(self) -> None:
         for item in fields(self):
             setattr(self, item.name, 0)
 
 
-class HFEngine:
+class HFEngine(LocalTokenizerMixin):
     """transformers-backed engine. Construct once and share; calls are serialized by a lock."""
 
     def __init__(self, model_path: str | Path, *, name: str | None = None, gguf_file: str | None = None,
@@ -133,7 +135,6 @@ class HFEngine:
                     else "off", self.sharing.reason)
         self.stats = EngineStats()
         self._special_tokens = tokenizer_special_tokens(tokenizer)
-        self._following: tuple[list[str], np.ndarray] | None = None
         self._ending_masks: dict[tuple[str, ...], list[torch.Tensor]] = {}
         self.cpu_kernels_in_use = "torch"
         if cpu_kernels == "onednn" or (cpu_kernels == "auto" and owns_model):
@@ -161,16 +162,6 @@ class HFEngine:
     @property
     def special_tokens(self) -> tuple[str, ...]:
         return self._special_tokens
-
-    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
-        return [len(self.encode_prompt(p)) for p in prompts]
-
-    # ------------------------------------------------------------------ tokenization
-    def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
-        return encode_chat_prompt(self.tokenizer, prompt)
-
-    def encode_label(self, label: str) -> list[int]:
-        return encode_label_ids(self.tokenizer, label)
 
     # ------------------------------------------------------------------ labels
     def label_logprobs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
@@ -223,14 +214,10 @@ class HFEngine:
         """(V,) bool masks of the tokens that end each label, built once per label set."""
         masks = self._ending_masks.get(labels)
         if masks is None:
-            if self._following is None:
-                self._following = vocab_following_texts(self.tokenizer)
-            texts, special = self._following
             vocab = self._vocab_size()
             masks = []
-            for label in labels:
+            for found in self.label_ending_masks(labels):  # sized by the tokenizer; the logits may be wider
                 mask = np.zeros(vocab, dtype=bool)
-                found = ending_token_mask(label, labels, texts, special)
                 mask[:min(vocab, len(found))] = found[:vocab]
                 masks.append(torch.from_numpy(mask))
             self._ending_masks[labels] = masks
@@ -423,14 +410,70 @@ class HFEngine:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     # ------------------------------------------------------------------ generate
+    @property
+    def generate_path(self) -> Literal["slots", "transformers"]:
+        """`slots`: the fast sampler of `rlaif.judge.engines.sampling` (verified full-attention models);
+        `transformers`: stock `generate()` for every other model."""
+        return "slots" if self.sharing.exact else "transformers"
+
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[ChatPrompt], params: GenerationParams) -> list[list[str]]:
+    def generate(self, prompts: Sequence[ChatPrompt], params: GenerationParams, *,
+                 progress: Callable[[float], None] | None = None) -> list[list[str]]:
+        """`params.n` completions per prompt. `progress(k)` (optional) is told how many sequences' worth of work
+        (a float; they add up to len(prompts) * n) each step did, so a caller's bar moves during long samples.
+
+        On the `slots` path a sample depends only on (seed, prompt, which copy of that prompt in the call,
+        sample index), never on the batch it ran in; a seed of None draws one from torch's global RNG."""
         if not prompts:
             return []
+        if params.n > 1 and params.temperature == 0:
+            raise EngineError("n > 1 needs temperature > 0 (greedy decoding would repeat the same text)")
         encoded = [self.encode_prompt(p) for p in prompts]
-        results: list[list[str]] = [[] for _ in prompts]
+        with self._lock:
+            if self.generate_path == "slots":
+                return self._generate_slots(encoded, params, progress)
+            return self._generate_stock(encoded, params, progress)
+
+    def _generate_slots(self, encoded: list[list[int]], params: GenerationParams,
+                        progress: Callable[[float], None] | None) -> list[list[str]]:
+        from rlaif.judge.engines.sampling import sample_sequences
+
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        stop_check = None
+        if params.stop:
+            longest_stop = max(len(stop) for stop in params.stop)
+
+            def stop_check(tokens: list[int]) -> bool:
+                # Checked every 8 tokens; ends a row once a stop string is in its text and no longer stop
+                # string could still begin before it (the text is cut at the first stop string later).
+                if len(tokens) % 8:
+                    return False
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = len(_cut_at_stop(text, params.stop))
+                return cut < len(text) and len(text) - cut >= longest_stop
+
+        tokens = sample_sequences(
+            self.model, encoded, n=params.n, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+            top_p=params.top_p, seed=seed, stop_token_ids=self._stop_token_ids(), max_slots=self.max_batch_size * params.n,
+            pad_token_id=self.tokenizer.pad_token_id or 0, device=self.device, stop_check=stop_check,
+            on_progress=progress)
+        self.stats.tokens_generated += sum(len(ids) for samples in tokens for ids in samples)
+        return [[_cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop).strip() for ids in samples]
+                for samples in tokens]
+
+    def _stop_token_ids(self) -> set[int]:
+        """EOS of the tokenizer plus the end-of-turn ids the model's generation config names."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        return {int(i) for i in ids if i is not None}
+
+    def _generate_stock(self, encoded: list[list[int]], params: GenerationParams,
+                        progress: Callable[[float], None] | None) -> list[list[str]]:
+        """transformers' `generate()` in left-padded batches of `max_batch_size` prompts (any causal LM)."""
+        results: list[list[str]] = [[] for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        with self._lock, torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(order), self.max_batch_size):
@@ -438,6 +481,8 @@ class HFEngine:
                 texts = self._generate_batch([encoded[i] for i in batch], params)
                 for offset, i in enumerate(batch):
                     results[i] = texts[offset * params.n:(offset + 1) * params.n]
+                if progress is not None:
+                    progress(len(batch) * params.n)
         return results
 
     def _generate_batch(self, encoded: list[list[int]], params: GenerationParams) -> list[str]:
@@ -453,12 +498,14 @@ class HFEngine:
                   "pad_token_id": pad_id, "eos_token_id": self.tokenizer.eos_token_id}
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        elif params.n > 1:
-            raise EngineError("n > 1 needs temperature > 0 (greedy decoding would repeat the same text)")
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         output = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
-        texts = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        generated = output[:, width:]
+        ended = torch.isin(generated, torch.tensor(sorted(self._stop_token_ids()), device=generated.device))
+        self.stats.tokens_generated += int(torch.where(ended.any(dim=1), ended.int().argmax(dim=1),
+                                                       torch.full_like(ended[:, 0], generated.shape[1], dtype=torch.long)).sum())
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [_cut_at_stop(text, params.stop).strip() for text in texts]
 
 

@@ -52,7 +52,6 @@ different model behind the same URL and alias does not reuse cached judgments.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import threading

@@ -36,20 +36,17 @@ import numpy as np
 from rlaif.judge.engines.base import (
     EngineError,
     GenerationParams,
+    LocalTokenizerMixin,
     check_labels,
-    encode_chat_prompt,
-    encode_label_ids,
-    ending_token_mask,
     missing_label_floor,
     tokenizer_special_tokens,
-    vocab_following_texts,
 )
 from rlaif.judge.types import ChatPrompt
 
 INSTALL_HINT = "vLLM is not installed: pip install 'rlaif[vllm]' on a CUDA machine"
 
 
-class VLLMEngine:
+class VLLMEngine(LocalTokenizerMixin):
     """In-process vLLM engine. Construct once (it owns the GPU); calls are serialized by a lock."""
 
     def __init__(self, model: str, *, name: str | None = None, enable_prefix_caching: bool = True,
@@ -78,8 +75,6 @@ class VLLMEngine:
         self._context_length = getattr(model_config, "max_model_len", None)
         self._fingerprint = _model_identity(model)
         self._lock = threading.Lock()
-        self._following: tuple[list[str], np.ndarray] | None = None
-        self._ending: dict[tuple[str, ...], list[np.ndarray]] = {}
 
     @property
     def engine_id(self) -> str:
@@ -97,16 +92,6 @@ class VLLMEngine:
     def special_tokens(self) -> tuple[str, ...]:
         return tokenizer_special_tokens(self.tokenizer)
 
-    def prompt_token_counts(self, prompts: Sequence[ChatPrompt]) -> list[int]:
-        return [len(self.encode_prompt(p)) for p in prompts]
-
-    # ------------------------------------------------------------------ tokenization
-    def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
-        return encode_chat_prompt(self.tokenizer, prompt)
-
-    def encode_label(self, label: str) -> list[int]:
-        return encode_label_ids(self.tokenizer, label)
-
     # ------------------------------------------------------------------ labels
     def label_logprobs(self, prompts: Sequence[ChatPrompt], labels: Sequence[str]) -> np.ndarray:
         if not prompts:
@@ -114,7 +99,7 @@ class VLLMEngine:
         targets = check_labels(labels)
         prompt_ids = [tuple(self.encode_prompt(p)) for p in prompts]
         label_ids = [tuple(self.encode_label(label)) for label in targets]
-        ending = self._ending_masks(tuple(targets))
+        ending = self.label_ending_masks(tuple(targets))
         # Distinct continuations to request: (prompt row, label token prefix), the bare prompt first.
         prefixes = sorted({tokens[:j] for tokens in label_ids for j in range(len(tokens) + 1)}, key=len)
         requests = [(row, prefix) for row in range(len(prompt_ids)) for prefix in prefixes]
@@ -141,14 +126,6 @@ class VLLMEngine:
                 mass = sum(np.exp(lp) for token, lp in after.items() if token < len(ending[k]) and ending[k][token])
                 scores[row, k] = total + (np.log(mass) if mass > 0 else -np.inf)
         return scores
-
-    def _ending_masks(self, labels: tuple[str, ...]) -> list[np.ndarray]:
-        if labels not in self._ending:
-            if self._following is None:
-                self._following = vocab_following_texts(self.tokenizer)
-            texts, special = self._following
-            self._ending[labels] = [ending_token_mask(label, labels, texts, special) for label in labels]
-        return self._ending[labels]
 
     def _params(self, max_tokens: int) -> Any:
         return self._vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=self.top_logprobs)

@@ -2,7 +2,7 @@
 
 `JudgeBackend` is the small seam both jobs program against, so the same job code runs with
 the judge in this process (`LocalJudge`: `PairwiseJudge`/`ScoreJudge` over an engine, with
-the SQLite judgment cache) or behind `rlaif serve` (`ServiceJudge`: `rlaif.service.client.JudgeClient`,
+the SQLite judgment cache) or behind `rlaif serve` (`ServiceJudge`: `rlaif.judge.api.client.JudgeClient`,
 whose server keeps its own cache and micro-batches requests).
 
 Models load lazily (`Models`): a finished job re-run to re-filter or re-export never loads a
@@ -18,6 +18,7 @@ from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJu
 
 if TYPE_CHECKING:  # pragma: no cover
     from rlaif.judge.cache import JudgmentCache
+    from rlaif.judge.calibration import Calibration
     from rlaif.judge.engines.base import Engine
     from rlaif.judge.labeling.config import _JobConfig
 
@@ -38,8 +39,10 @@ class LocalJudge:
     """The judge in this process. Judges are built on first use so an unused rubric never loads."""
 
     def __init__(self, engine: Engine, *, pairwise_rubric: str | None, score_rubric: str | None, mode: str,
-                 tie_margin: float = 0.05, cache: JudgmentCache | None = None, seed: int = 0) -> None:
+                 tie_margin: float = 0.05, cache: JudgmentCache | None = None, seed: int = 0,
+                 calibration: Calibration | None = None) -> None:
         self.engine = engine
+        self._calibration = calibration
         self._pairwise_rubric = pairwise_rubric
         self._score_rubric = score_rubric
         self._mode = mode
@@ -55,7 +58,8 @@ class LocalJudge:
 
             assert self._pairwise_rubric is not None, "this job has no pairwise rubric"
             self._pairwise = PairwiseJudge(self.engine, self._pairwise_rubric, mode=self._mode,  # type: ignore[arg-type]
-                                           tie_margin=self._tie_margin, cache=self._cache, seed=self._seed)
+                                           tie_margin=self._tie_margin, cache=self._cache, seed=self._seed,
+                                           calibration=self._calibration)
         return self._pairwise.judge(items)
 
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreJudgment]:
@@ -69,7 +73,7 @@ class LocalJudge:
 
 
 class ServiceJudge:
-    """A remote judge (`rlaif serve`) through `rlaif.service.client.JudgeClient`.
+    """A remote judge (`rlaif serve`) through `rlaif.judge.api.client.JudgeClient`.
 
     The client splits big calls into requests of at most `max_items` items (kept under the
     server's limit) and retries 429/503 with backoff; the server's micro-batcher merges them.
@@ -136,7 +140,7 @@ class Models:
     def _build_judge(self) -> JudgeBackend:
         config = self.config
         if config.judge_url is not None:
-            from rlaif.service.client import JudgeClient  # optional path: only jobs that name a service import it
+            from rlaif.judge.api.client import JudgeClient  # optional path: only jobs that name a service import it
 
             client = JudgeClient(config.judge_url, api_key=config.api_key, timeout=config.timeout,
                                  max_items=config.request_batch_size)
@@ -154,8 +158,15 @@ class Models:
             from rlaif.judge.cache import JudgmentCache
 
             self._cache = JudgmentCache(config.cache_path or config.out / "judgments.sqlite")
+        calibration_path = getattr(config, "calibration", None)
+        calibration = None
+        if calibration_path is not None:
+            from rlaif.judge.calibration import Calibration
+
+            calibration = Calibration.load(calibration_path)
         return LocalJudge(self._judge_engine, pairwise_rubric=self._pairwise_rubric, score_rubric=self._score_rubric,
-                          mode=config.mode, tie_margin=self._tie_margin, cache=self._cache, seed=config.seed)
+                          mode=config.mode, tie_margin=self._tie_margin, cache=self._cache, seed=config.seed,
+                          calibration=calibration)
 
     def policy_name(self) -> str:
         return self.policy.model_name

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 from rlaif.judge.labeling.backends import JudgeBackend, Models
 from rlaif.judge.labeling.card import describe, histogram, markdown_table, render_card
 from rlaif.judge.labeling.config import BestOfNConfig
-from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, chat_of, ensure_responses,
-                                load_source, make_batches, open_job, progress_bar, rubric_identity, time_stats,
+from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, chat_of,
+                                judge_in_chunks, load_source, make_batches, open_job, rubric_identity, run_batches, time_stats,
                                 write_outputs, write_text)
 from rlaif.judge.labeling.pairs import knockout_round
 from rlaif.judge.labeling.store import ProgressStore
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
 
     from rlaif.judge.engines.base import Engine
+    from rlaif.judge.labeling.ray_backend import RayOptions
 
 SCORE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -81,7 +82,8 @@ def _score_stage(store: ProgressStore, judge: JudgeBackend, source: Source, batc
         return
     keys = [(i, s) for i in indices for s in range(len(responses[i]))]
     started = time.perf_counter()
-    judgments = judge.score([ScoreItem(prompt=source.prompts[i].text, response=responses[i][s]) for i, s in keys])
+    judgments = judge_in_chunks(judge.score, [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s])
+                                              for i, s in keys], counters)
     seconds = time.perf_counter() - started
     fresh = sum(not j.cached for j in judgments)
     store.save_records(batch, "scores", [json.dumps({"prompt": i, "sample": s, "judgment": j.model_dump(mode="json")})
@@ -126,7 +128,7 @@ def _tournament_stages(store: ProgressStore, judge: JudgeBackend, source: Source
             started = time.perf_counter()
             items = [PairwiseItem(prompt=source.prompts[i].text, response_a=responses[i][a], response_b=responses[i][b])
                      for i, a, b in plan]
-            judgments = judge.pairwise(items) if items else []
+            judgments = judge_in_chunks(judge.pairwise, items, counters)
             seconds = time.perf_counter() - started
             fresh = sum(not j.cached for j in judgments)
             store.save_records(batch, stage, [json.dumps({"prompt": i, "a": a, "b": b, "judgment": j.model_dump(mode="json")})
@@ -140,6 +142,17 @@ def _tournament_stages(store: ProgressStore, judge: JudgeBackend, source: Source
         for i in indices:
             matches, bye = knockout_round(survivors[i])
             survivors[i] = _play_round(matches, responses[i], judged[i]) + ([bye] if bye is not None else [])
+
+
+def judge_batch(store: ProgressStore, judge: JudgeBackend, config: BestOfNConfig, source: Source, batch: int,
+                indices: range, responses: dict[int, list[str]], counters: SessionCounters) -> None:
+    """The selection stages of one batch, after `generate`: `scores`, or the tournament's rounds.
+
+    Shared by the local loop and the Ray backend's judge actors (`rlaif.judge.labeling.ray_backend`)."""
+    if config.selection == "score":
+        _score_stage(store, judge, source, batch, indices, responses, counters)
+    else:
+        _tournament_stages(store, judge, source, batch, indices, responses, config.n, counters)
 
 
 def _last_stage(config: BestOfNConfig) -> str:
@@ -215,37 +228,32 @@ def build_rows(store: ProgressStore, config: BestOfNConfig, source: Source, batc
 
 # ---------------------------------------------------------------------------------- job
 def run_best_of_n(config: BestOfNConfig, *, policy_engine: Engine | None = None, judge_engine: Engine | None = None,
-                  judge: JudgeBackend | None = None, command: str | None = None) -> dict:
-    """Run (or resume) a best-of-n job; returns the summary also written to `<out>/summary.json`."""
+                  judge: JudgeBackend | None = None, command: str | None = None, ray: RayOptions | None = None) -> dict:
+    """Run (or resume) a best-of-n job; returns the summary also written to `<out>/summary.json`.
+
+    `ray`: run the batches on a Ray cluster (`rlaif.judge.labeling.ray_backend`); same store, same rows."""
     counters = SessionCounters()
     source = load_source(config)
     identity = config.identity(prompts_digest=source.digest, rubric=rubric_identity(config.selection_rubric, config.judge_url))
     score_rubric = config.selection_rubric if config.selection == "score" else None
     pairwise_rubric = config.selection_rubric if config.selection == "tournament" else None
     last = _last_stage(config)
+    roles = dict(pairwise_rubric=pairwise_rubric, score_rubric=score_rubric)
+    if ray is not None and any(x is not None for x in (policy_engine, judge_engine, judge)):
+        raise ValueError("engines held by this process cannot move into Ray actors; with ray= pass "
+                         "RayOptions(engine_factory=...) instead of policy_engine/judge_engine/judge")
     with open_job(config, identity) as (store, resumed):
-        models = Models(config, pairwise_rubric=pairwise_rubric, score_rubric=score_rubric, policy_engine=policy_engine,
-                        judge=judge, judge_engine=judge_engine)
-        batches = make_batches(len(source.prompts), config.batch_size)
-        done = [store.stage_done(b, last) for b in range(len(batches))]
-        initial = sum(len(indices) for indices, d in zip(batches, done) if d)
+        models = Models(config, **roles, policy_engine=policy_engine, judge=judge, judge_engine=judge_engine)
         try:
-            with progress_bar(config, len(source.prompts), initial, "best-of-n") as bar:
-                for batch, indices in enumerate(batches):
-                    if done[batch]:
-                        continue
-                    responses = ensure_responses(store, models, config, source, batch, indices, counters)
-                    if config.selection == "score":
-                        _score_stage(store, models.judge, source, batch, indices, responses, counters)
-                    else:
-                        _tournament_stages(store, models.judge, source, batch, indices, responses, config.n, counters)
-                    counters.prompts += len(indices)
-                    bar.update(len(indices))
+            done = run_batches(config, store=store, models=models, source=source, last_stage=last, desc="best-of-n",
+                               counters=counters, judge_batch=judge_batch, ray=ray, models_kwargs=roles)
+            batches = make_batches(len(source.prompts), config.batch_size)
             rows, stats = build_rows(store, config, source, batches)
             _, paths = write_outputs(config.out, rows, best_of_n_features(), config.export)
             store.touch_session()
             summary = {"job": "best-of-n", "out": str(config.out), "resumed": resumed, "batches_resumed": sum(done),
-                       **stats, "timing": {**time_stats(store), **counters.rates()}, "files": paths}
+                       **stats, "timing": {**time_stats(store), **counters.rates()}, "files": paths,
+                       **({"ray": ray.describe()} if ray is not None else {})}
             write_text(config.out / CARD_FILE, _card(config, summary, command))
             summary["files"]["card"] = str(config.out / CARD_FILE)
             write_text(config.out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")

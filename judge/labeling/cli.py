@@ -15,7 +15,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from rlaif.judge.cli import CachePathOpt, NoCacheOpt, UserError, print_json, user_errors
+from rlaif.judge.cli import NoCacheOpt, UserError, print_json, user_errors
 
 _ConfigT = TypeVar("_ConfigT")
 
@@ -35,7 +35,13 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Base seed; batch i samples
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per batch (the unit generated, judged and persisted together).")]
 ExportOpt = Annotated[str, typer.Option("--export", help="Comma-separated flat exports: jsonl, parquet, or 'none'.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Discard an existing job in --out and start over.")]
+CachePathOpt = Annotated[Optional[Path], typer.Option("--cache-path", help="Judgment cache file of the in-process judge (default: <out>/judgments.sqlite).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run the job on Ray (Ray Data actor pools); same outputs and resume as without. See docs/scaling.md.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join with --ray: auto, host:6379 or ray://host:10001 (default: RAY_ADDRESS, else a new local cluster).")]
+RayActorsOpt = Annotated[Optional[str], typer.Option("--ray-actors", help="Actors per stage with --ray: N, MIN-MAX (autoscaling) or per stage, e.g. generate=4,judge=1-4 (default 1).")]
+RayCpusOpt = Annotated[Optional[str], typer.Option("--ray-cpus", help="CPUs per actor with --ray: C or generate=C,judge=C (default 1).")]
+RayGpusOpt = Annotated[Optional[str], typer.Option("--ray-gpus", help="GPUs per actor with --ray: G or generate=G,judge=G (default 0).")]
 
 
 def _exports(value: str) -> tuple[str, ...]:
@@ -67,6 +73,7 @@ def register(app: typer.Typer) -> None:
         judge_url: JudgeUrlOpt = None,
         api_key: ApiKeyOpt = None,
         responses_from: Annotated[Optional[str], typer.Option("--responses-from", help="Relabel existing responses: comma-separated source columns, e.g. 'chosen,rejected' (no sampling).")] = None,
+        answer_column: Annotated[Optional[str], typer.Option("--answer-column", help="Source column with each prompt's reference answer, for reference-guided rubrics (e.g. --rubric correctness-pairwise).")] = None,
         temperature: TemperatureOpt = 0.8,
         top_p: TopPOpt = 1.0,
         max_new_tokens: MaxTokensOpt = 256,
@@ -75,27 +82,36 @@ def register(app: typer.Typer) -> None:
         min_margin: Annotated[float, typer.Option("--min-margin", help="Drop pairs whose margin |2P - 1| is below this.")] = 0.0,
         drop_inconsistent: Annotated[bool, typer.Option("--drop-inconsistent", help="Drop pairs whose two presentation orders disagree.")] = False,
         fmt: Annotated[str, typer.Option("--format", help="conversational (chat messages) or standard (plain strings).")] = "conversational",
+        calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration file (rlaif calibrate) for the in-process pairwise judge.")] = None,
         export: ExportOpt = "jsonl,parquet",
         no_cache: NoCacheOpt = False,
         cache_path: CachePathOpt = None,
         overwrite: OverwriteOpt = False,
         progress: ProgressOpt = True,
+        ray: RayOpt = False,
+        ray_address: RayAddressOpt = None,
+        ray_actors: RayActorsOpt = None,
+        ray_cpus: RayCpusOpt = None,
+        ray_gpus: RayGpusOpt = None,
     ) -> None:
         """Sample N responses per prompt, judge pairs, write a TRL preference dataset (prompt/chosen/rejected)."""
         with user_errors():
             from rlaif.judge.labeling.config import LabelConfig
+            from rlaif.judge.labeling.job import preflight_job
             from rlaif.judge.labeling.label import command_line, run_label
 
             config = _config(LabelConfig,
                 prompts=prompts, out=out, prompt_column=prompt_column, limit=limit, policy=policy, n=n, pairs=pairs,  # type: ignore[arg-type]
                 ranking=ranking, rubric=rubric, score_rubric=score_rubric, mode=mode, tie_margin=tie_margin,  # type: ignore[arg-type]
                 engine=engine, judge_url=judge_url, api_key=api_key,
-                responses_from=tuple(responses_from.split(",")) if responses_from else None,
+                responses_from=tuple(responses_from.split(",")) if responses_from else None, answer_column=answer_column,
                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                 min_margin=min_margin, drop_inconsistent=drop_inconsistent, format=fmt, export=_exports(export),  # type: ignore[arg-type]
-                no_cache=no_cache, cache_path=cache_path, overwrite=overwrite, progress=progress)
-            with _service_errors():
-                _print_summary(run_label(config, command=command_line()))
+                calibration=calibration, no_cache=no_cache, cache_path=cache_path, overwrite=overwrite, progress=progress)
+            preflight_job(config)
+            backend = _ray_backend(ray, ray_address, ray_actors, ray_cpus, ray_gpus)
+            with _service_errors(), _worker_errors():
+                _print_summary(run_label(config, command=command_line(), ray=backend))
 
     @app.command("best-of-n")
     def best_of_n(
@@ -122,11 +138,17 @@ def register(app: typer.Typer) -> None:
         cache_path: CachePathOpt = None,
         overwrite: OverwriteOpt = False,
         progress: ProgressOpt = True,
+        ray: RayOpt = False,
+        ray_address: RayAddressOpt = None,
+        ray_actors: RayActorsOpt = None,
+        ray_cpus: RayCpusOpt = None,
+        ray_gpus: RayGpusOpt = None,
     ) -> None:
         """Rejection sampling: sample N responses per prompt, keep the judge's best as an SFT dataset."""
         with user_errors():
             from rlaif.judge.labeling.best_of_n import run_best_of_n
             from rlaif.judge.labeling.config import BestOfNConfig
+            from rlaif.judge.labeling.job import preflight_job
             from rlaif.judge.labeling.label import command_line
 
             config = _config(BestOfNConfig,
@@ -135,8 +157,10 @@ def register(app: typer.Typer) -> None:
                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                 min_score=min_score, export=_exports(export), no_cache=no_cache, cache_path=cache_path,  # type: ignore[arg-type]
                 overwrite=overwrite, progress=progress)
-            with _service_errors():
-                _print_summary(run_best_of_n(config, command=command_line()))
+            preflight_job(config)
+            backend = _ray_backend(ray, ray_address, ray_actors, ray_cpus, ray_gpus)
+            with _service_errors(), _worker_errors():
+                _print_summary(run_best_of_n(config, command=command_line(), ray=backend))
 
 
 def _print_summary(summary: dict) -> None:
@@ -170,6 +194,33 @@ def _service_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] == "httpx" or type(exc).__module__.startswith("rlaif.service"):
+        if type(exc).__module__.split(".")[0] == "httpx" or type(exc).__module__.startswith(("rlaif.service", "rlaif.judge.api")):
             raise UserError(f"judge service: {exc}") from None
+        raise
+
+
+def _ray_backend(ray: bool, address: str | None, actors: str | None, cpus: str | None, gpus: str | None):
+    """`RayOptions` for --ray (None without it); the Ray flags without --ray are a mistake worth naming."""
+    if not ray:
+        given = [flag for flag, value in (("--ray-address", address), ("--ray-actors", actors), ("--ray-cpus", cpus),
+                                          ("--ray-gpus", gpus)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --ray")
+        return None
+    try:
+        from rlaif.judge.labeling.ray_backend import ray_options
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise UserError(f"--ray needs Ray: pip install 'rlaif[ray]' ({exc})") from None
+    return ray_options(address, actors=actors, cpus=cpus, gpus=gpus)
+
+
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """A shard that failed in a Ray actor: its one-line message (shard, stage, item), exit status 1, no traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ == "WorkerFailed" and type(exc).__module__.startswith("rlaif.judge.labeling.ray_backend"):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
         raise

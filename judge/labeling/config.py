@@ -80,6 +80,8 @@ class _JobConfig(BaseModel):
         fields = self.model_dump(mode="json", exclude=set(self.UNHASHED))
         if self.judge_url is not None:
             fields.pop("engine")  # the service decides its engine; its model shows in every judgment
+        if fields.get("answer_column", "") is None:
+            fields.pop("answer_column")  # added later: jobs without reference answers keep their identity
         return {"job": self.job_name, **fields, **extra}
 
     job_name: ClassVar[str] = "job"
@@ -93,7 +95,9 @@ class LabelConfig(_JobConfig):
     """`rlaif label`: sample N responses per prompt, judge pairs, write a TRL preference dataset."""
 
     job_name: ClassVar[str] = "label"
-    UNHASHED: ClassVar[frozenset[str]] = _JobConfig.UNHASHED | {"min_margin", "drop_inconsistent", "format"}
+    # `calibration` enters the identity as the calibration's content id (`run_label`), not as a path.
+    UNHASHED: ClassVar[frozenset[str]] = _JobConfig.UNHASHED | {"min_margin", "drop_inconsistent", "format",
+                                                                "calibration"}
 
     n: int = Field(4, ge=2, le=64, description="Responses sampled per prompt.")
     pairs: PairStrategy = Field("best-worst", description="best-worst: one pair per prompt, the top- and bottom-ranked "
@@ -104,10 +108,14 @@ class LabelConfig(_JobConfig):
     tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="In-process judge: |P - 0.5| below this is a tie.")
     responses_from: tuple[str, ...] | None = Field(None, description="Relabel existing responses read from these source "
                                                                      "columns instead of sampling (n = their count).")
+    answer_column: str | None = Field(None, description="Source column holding each prompt's reference answer, shown to "
+                                                        "reference-guided rubrics (e.g. --rubric correctness-pairwise).")
     min_margin: float = Field(0.0, ge=0.0, le=1.0, description="Drop pairs whose judge margin |2P - 1| is below this.")
     drop_inconsistent: bool = Field(False, description="Drop pairs whose two presentation orders disagree.")
     format: PromptFormat = Field("conversational", description="conversational: prompt/chosen/rejected as chat messages "
                                                                "(TRL applies the chat template); standard: plain strings.")
+    calibration: Path | None = Field(None, description="Calibration file (`rlaif calibrate`) for the in-process pairwise "
+                                                       "judge; a judge service applies its own (`rlaif serve --calibration`).")
 
     @field_validator("responses_from")
     @classmethod
@@ -125,6 +133,9 @@ class LabelConfig(_JobConfig):
             object.__setattr__(self, "n", len(self.responses_from))
         else:
             self._check_sampling(self.n)
+        if self.calibration is not None and self.judge_url is not None:
+            raise ValueError("calibration applies to the in-process judge; a judge service calibrates with its own "
+                             "`rlaif serve --calibration FILE`")
         if self.ranking == "score" and self.pairs != "best-worst":
             raise ValueError(f"ranking=score only applies to pairs=best-worst (pairs={self.pairs} needs no ranking)")
         return self

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 from rlaif.judge.labeling.backends import JudgeBackend, Models
 from rlaif.judge.labeling.card import describe, histogram, markdown_table, render_card
 from rlaif.judge.labeling.config import LabelConfig
-from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source, ensure_responses,
-                                load_source, make_batches, open_job, progress_bar, rubric_identity, time_stats,
+from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, SessionCounters, Source,
+                                judge_in_chunks, load_source, make_batches, open_job, rubric_identity, run_batches, time_stats,
                                 write_outputs, write_text)
 from rlaif.judge.labeling.pairs import all_pairs, orient, random_pair, rank_by_wins
 from rlaif.judge.labeling.store import ProgressStore
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
 
     from rlaif.judge.engines.base import Engine
+    from rlaif.judge.labeling.ray_backend import RayOptions
 
 LAST_STAGE = "pairs"
 PROB_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -116,9 +117,10 @@ def _score_stage(store: ProgressStore, judge: JudgeBackend, source: Source, batc
                  responses: dict[int, list[str]], counters: SessionCounters) -> dict[int, list[float]]:
     if not store.stage_done(batch, "scores"):
         keys = [(i, s) for i in indices for s in range(len(responses[i]))]
-        items = [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s]) for i, s in keys]
+        items = [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s], reference=source.reference(i))
+                 for i, s in keys]
         started = time.perf_counter()
-        judgments = judge.score(items)
+        judgments = judge_in_chunks(judge.score, items, counters)
         seconds = time.perf_counter() - started
         fresh = sum(not j.cached for j in judgments)
         store.save_records(batch, "scores", [json.dumps({"prompt": i, "sample": s, "judgment": j.model_dump(mode="json")})
@@ -139,16 +141,26 @@ def _pairs_stage(store: ProgressStore, judge: JudgeBackend, config: LabelConfig,
         return
     plan = [(i, a, b) for i in indices
             for a, b in pairs_to_judge(config, i, responses[i], scores[i] if scores is not None else None)]
-    items = [PairwiseItem(prompt=source.prompts[i].text, response_a=responses[i][a], response_b=responses[i][b])
-             for i, a, b in plan]
+    items = [PairwiseItem(prompt=source.prompts[i].text, response_a=responses[i][a], response_b=responses[i][b],
+                          reference=source.reference(i)) for i, a, b in plan]
     started = time.perf_counter()
-    judgments = judge.pairwise(items) if items else []
+    judgments = judge_in_chunks(judge.pairwise, items, counters)
     seconds = time.perf_counter() - started
     fresh = sum(not j.cached for j in judgments)
     store.save_records(batch, LAST_STAGE, [json.dumps({"prompt": i, "a": a, "b": b, "judgment": j.model_dump(mode="json")})
                                            for (i, a, b), j in zip(plan, judgments)], seconds, fresh)
     counters.judgments += fresh
     counters.judge_seconds += seconds
+
+
+def judge_batch(store: ProgressStore, judge: JudgeBackend, config: LabelConfig, source: Source, batch: int,
+                indices: range, responses: dict[int, list[str]], counters: SessionCounters) -> None:
+    """The judging stages of one batch, after `generate`: `scores` (ranking by score), then `pairs`.
+
+    Shared by the local loop and the Ray backend's judge actors (`rlaif.judge.labeling.ray_backend`)."""
+    scores = (_score_stage(store, judge, source, batch, indices, responses, counters)
+              if config.pairs == "best-worst" and config.ranking == "score" else None)
+    _pairs_stage(store, judge, config, source, batch, indices, responses, scores, counters)
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -214,6 +226,10 @@ def _stats(config: LabelConfig, source: Source, rows: list[dict], dropped: Count
     preference = Counter(j.preference.value for j in judgments)
     mean_mass = (sum(j.label_mass for j in judgments) / len(judgments)) if judgments else None
     mass_warning = low_label_mass_warning(mean_mass)
+    warnings = [mass_warning] if mass_warning else []
+    filter_warning = filters_drop_most_warning(config, dropped, candidates)
+    if filter_warning:
+        warnings.append(filter_warning)
 
     def length(value: object) -> int:
         return len(value[0]["content"]) if isinstance(value, list) else len(str(value))
@@ -230,7 +246,7 @@ def _stats(config: LabelConfig, source: Source, rows: list[dict], dropped: Count
         "position_consistency_rows": (sum(r["consistent"] for r in rows) / len(rows)) if rows else None,
         "judge_preferences": {p.value: preference.get(p.value, 0) for p in Preference},
         "mean_label_mass": mean_mass,
-        "warnings": [mass_warning] if mass_warning else [],
+        "warnings": warnings,
         "judge_prob": describe(probs),
         "judge_prob_histogram": [{"bin": label, "rows": count, "fraction": round(fraction, 4)}
                                  for label, count, fraction in histogram(probs, PROB_EDGES)],
@@ -240,10 +256,31 @@ def _stats(config: LabelConfig, source: Source, rows: list[dict], dropped: Count
     }
 
 
+def filters_drop_most_warning(config: LabelConfig, dropped: Counter[str], candidates: int) -> str | None:
+    """A warning when --drop-inconsistent / --min-margin removed most of the judged pairs.
+
+    Why the defaults keep every pair (both filters off): a capable small judge's two presentation
+    orders often disagree, so its *hard* verdict is a tie on most pairs (the 1.5B judge of the README:
+    96% ties) while the soft debiased probability still carries the signal (69-77% debiased accuracy).
+    `judge_prob` keeps that signal and the reward model trains on it; filtering by consistency or margin
+    would throw nearly all of it away."""
+    judged = candidates - dropped.get("identical_responses", 0)
+    removed = dropped.get("inconsistent", 0) + dropped.get("below_min_margin", 0)
+    if judged == 0 or removed <= judged / 2:
+        return None
+    used = [flag for flag, on in (("--drop-inconsistent", config.drop_inconsistent),
+                                  (f"--min-margin {config.min_margin}", config.min_margin > 0)) if on]
+    return (f"{' and '.join(used)} removed {removed} of {judged} judged pairs ({removed / judged:.0%}): this judge's "
+            "orders mostly disagree or its margins are small, but its soft judge_prob still carries the preference; "
+            "leave the filters off (the default) and train on the soft labels")
+
+
 # ---------------------------------------------------------------------------------- job
 def run_label(config: LabelConfig, *, policy_engine: Engine | None = None, judge_engine: Engine | None = None,
-              judge: JudgeBackend | None = None, command: str | None = None) -> dict:
+              judge: JudgeBackend | None = None, command: str | None = None, ray: RayOptions | None = None) -> dict:
     """Run (or resume) a labeling job; returns the summary also written to `<out>/summary.json`.
+
+    `ray`: run the batches on a Ray cluster (`rlaif.judge.labeling.ray_backend`); same store, same rows.
 
     `policy_engine`/`judge_engine`/`judge` let a caller that already holds models (tests,
     notebooks) skip loading them again; by default they are built from the config's specs.
@@ -253,33 +290,28 @@ def run_label(config: LabelConfig, *, policy_engine: Engine | None = None, judge
     rubrics = {"rubric": rubric_identity(config.pairwise_rubric, config.judge_url)}
     if config.ranking == "score":
         rubrics["score_rubric"] = rubric_identity(config.score_rubric, config.judge_url)
+    if config.calibration is not None:  # a calibration changes every judgment: part of the job's identity
+        from rlaif.judge.calibration import Calibration
+
+        rubrics["calibration"] = Calibration.load(config.calibration).id
     identity = config.identity(prompts_digest=source.digest, **rubrics)
+    roles = dict(pairwise_rubric=config.pairwise_rubric, score_rubric=config.score_rubric if config.ranking == "score" else None,
+                 tie_margin=config.tie_margin)
+    if ray is not None and any(x is not None for x in (policy_engine, judge_engine, judge)):
+        raise ValueError("engines held by this process cannot move into Ray actors; with ray= pass "
+                         "RayOptions(engine_factory=...) instead of policy_engine/judge_engine/judge")
     with open_job(config, identity) as (store, resumed):
-        models = Models(config, pairwise_rubric=config.pairwise_rubric,
-                        score_rubric=config.score_rubric if config.ranking == "score" else None,
-                        tie_margin=config.tie_margin, policy_engine=policy_engine, judge=judge, judge_engine=judge_engine)
-        batches = make_batches(len(source.prompts), config.batch_size)
-        done = [store.stage_done(b, LAST_STAGE) for b in range(len(batches))]
-        initial = sum(len(indices) for indices, d in zip(batches, done) if d)
+        models = Models(config, **roles, policy_engine=policy_engine, judge=judge, judge_engine=judge_engine)  # type: ignore[arg-type]
         try:
-            with progress_bar(config, len(source.prompts), initial, "label") as bar:
-                for batch, indices in enumerate(batches):
-                    if done[batch]:
-                        continue
-                    responses = ensure_responses(store, models, config, source, batch, indices, counters)
-                    scores = (_score_stage(store, models.judge, source, batch, indices, responses, counters)
-                              if config.pairs == "best-worst" and config.ranking == "score" else None)
-                    _pairs_stage(store, models.judge, config, source, batch, indices, responses, scores, counters)
-                    counters.prompts += len(indices)
-                    bar.update(len(indices))
-                    rates = counters.rates()
-                    if rates["judgments_per_s"]:
-                        bar.set_postfix(judgments_s=rates["judgments_per_s"], refresh=False)
+            done = run_batches(config, store=store, models=models, source=source, last_stage=LAST_STAGE, desc="label",
+                               counters=counters, judge_batch=judge_batch, ray=ray, models_kwargs=roles)
+            batches = make_batches(len(source.prompts), config.batch_size)
             rows, stats = build_rows(store, config, source, batches)
             _, paths = write_outputs(config.out, rows, label_features(config.format), config.export)
             store.touch_session()
             summary = {"job": "label", "out": str(config.out), "resumed": resumed, "batches_resumed": sum(done),
-                       **stats, "timing": {**time_stats(store), **counters.rates()}, "files": paths}
+                       **stats, "timing": {**time_stats(store), **counters.rates()}, "files": paths,
+                       **({"ray": ray.describe()} if ray is not None else {})}
             card = _card(config, summary, command)
             write_text(config.out / CARD_FILE, card)
             summary["files"]["card"] = str(config.out / CARD_FILE)
@@ -354,4 +386,5 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["rlaif", *args[1:]]) if args else ""
 
 
-__all__ = ["COLUMNS", "build_rows", "command_line", "label_features", "output_pairs", "pairs_to_judge", "run_label"]
+__all__ = ["COLUMNS", "build_rows", "command_line", "judge_batch", "label_features", "output_pairs", "pairs_to_judge",
+           "run_label"]

@@ -1,6 +1,6 @@
 """`rlaif train-rm`: train a reward model on AI-labeled pairs (RLAIF §2.2.1).
 
-Prints the run's metrics as JSON on stdout; per-step progress goes to stderr. Bad inputs
+Prints the run's metrics as JSON on stdout; a per-step progress bar (rate, ETA) goes to stderr. Bad inputs
 (missing file, missing columns, invalid flag values) exit with status 2 and one line.
 
     rlaif train-rm --data runs/labels --out runs/rm --epochs 1 --human-eval data/llmbar_natural.json
@@ -16,19 +16,35 @@ from typing import Annotated, Any, Optional
 import typer
 
 
-def _progress(record: dict[str, Any]) -> None:
-    event = record.get("event")
-    if event == "train":
-        line = (f"step {record['step']:>5}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-                f"acc {record['accuracy']:.3f}  margin {record['margin']:+.3f}  lr {record['lr']:.2e}  "
-                f"|g| {record['grad_norm']:.2f}  {record['tokens_per_second']:.0f} tok/s")
-    elif event in {"eval", "human_eval"}:
-        agreement = record.get("agreement", math.nan)
-        line = (f"{'held-out' if event == 'eval' else 'human'} eval  n {record.get('n', 0)}  "
-                f"agreement {agreement:.3f}  loss {record.get('loss', math.nan):.4f}")
-    else:
-        return
-    print(line, file=sys.stderr, flush=True)
+class _Progress:
+    """A tqdm bar on stderr that moves per optimizer step (rate and ETA from tqdm), loss/accuracy as postfix;
+    evaluation results print as lines above it. The trainer's first event (`start`) says the step count."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        event = record.get("event")
+        if event == "start":
+            self.bar = tqdm(total=record["total_steps"], desc="train-rm", unit="step", file=sys.stderr)
+        elif event == "train" and self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f} acc {record['accuracy']:.3f} "
+                                     f"{record['tokens_per_second']:.0f} tok/s", refresh=True)
+        elif event in {"eval", "human_eval"}:
+            agreement = record.get("agreement", math.nan)
+            line = (f"{'held-out' if event == 'eval' else 'human'} eval  n {record.get('n', 0)}  "
+                    f"agreement {agreement:.3f}  loss {record.get('loss', math.nan):.4f}")
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def register(app: typer.Typer) -> None:
@@ -65,8 +81,8 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             from pydantic import ValidationError
-
-            from rlaif.policy_training.rm_training import RMTrainConfig, train_reward_model
+            from rlaif.policy_training.reward_model.config import RMTrainConfig
+            from rlaif.policy_training.reward_model.training import train_reward_model
 
             try:
                 config = RMTrainConfig(
@@ -81,5 +97,9 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}") from None
             if human_eval is not None and not human_eval.is_file():
                 raise FileNotFoundError(f"--human-eval {human_eval}: no such file")
-            result = train_reward_model(config, progress=_progress)
+            progress = _Progress()
+            try:
+                result = train_reward_model(config, progress=progress)
+            finally:
+                progress.close()
             print_json({"out": str(result.out), **result.metrics})

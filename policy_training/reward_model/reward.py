@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rlaif.policy_training.reward_model import RewardModel
+from rlaif.judge.reward_model import RewardModel
 
 
 class RewardModelReward:

@@ -1,0 +1,301 @@
+"""The distilled reward model (RLAIF §2.2.1): load, save, score, and the pair forward pass.
+
+RLAIF (Lee et al. 2023) distills the AI labeler into a reward model (RM) trained with a
+cross-entropy between the labeler's soft preference and the RM's Bradley-Terry probability
+sigma(r_chosen - r_rejected). The RM then scores a (prompt, response) with one forward pass,
+orders of magnitude cheaper than asking the LLM judge each time.
+
+`RewardModel` lives in the judge layer because three layers score with it: the judge
+service (`rlaif serve --reward-model`), PPO (`RewardModelReward`) and its own training
+(`rlaif.policy_training.reward_model`, which adds the losses and the training loop). Input
+format and batching are in `reward_format.py`.
+
+Rewards are read from the hidden state of the last real token of each sequence, located
+from the sequence lengths we built, never from `ids != pad_id` (SmolLM2's EOS is its
+default pad token and occurs inside chat prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from rlaif.judge.reward_format import (
+    FORMAT_VERSION,
+    RM_CONFIG_FILE,
+    EncodedPair,
+    FlatBatch,
+    PairFormatter,
+    Prompt,
+    PromptFormat,
+    collate_flat,
+    collate_shared_prefix,
+    fit_single,
+    length_sorted_batches,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# ============================================================================ the model
+
+
+def resolve_base(spec: str) -> str:
+    """`default` -> the plain fp32 checkpoint of the embedded SmolLM2; `hf:X` or `X` -> X (HF id or path)."""
+    if spec == "default":
+        from rlaif.judge.models import plain_checkpoint
+
+        return str(plain_checkpoint())
+    return spec.removeprefix("hf:")
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence the load report ('score.weight MISSING' is expected for a new head) and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off (as TRL does by default): the two responses of a pair must see the same network."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            setattr(module, "attention_dropout", 0.0)  # noqa: B010 - an attribute nn.Module does not declare
+
+
+class RewardModel:
+    """A sequence-classification model with one output, plus the input format it was trained on."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 1024,
+                 prompt_format: PromptFormat | None = None, metadata: dict[str, Any] | None = None) -> None:
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"a reward model has one output; this model has num_labels={model.config.num_labels}")
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            from rlaif.judge.models import ensure_distinct_pad_token
+
+            ensure_distinct_pad_token(tokenizer)
+        embeddings: Any = model.get_input_embeddings()
+        if len(tokenizer) > embeddings.weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        # Keep HF's own last-token pooling (pipelines, TRL, other servers) correct as well.
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.formatter = PairFormatter(tokenizer, prompt_format)
+        self.metadata = dict(metadata or {})
+        self.head = self._find_head(model)
+        self.cpu_kernels = "torch"
+        """`onednn` once `pack_for_inference` swapped the trunk's linear layers."""
+        self.inference_only = False
+        self.backbone: Any = getattr(model, model.base_model_prefix, None) if self.head is not None else None
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _find_head(model: nn.Module) -> nn.Linear | None:
+        """The decoder-style scalar head applied per position (`score` in Llama/Qwen/Mistral/GPT-2)."""
+        head = getattr(model, "score", None)
+        return head if isinstance(head, nn.Linear) and head.out_features == 1 else None
+
+    @classmethod
+    def from_base(cls, spec: str = "default", *, max_length: int = 1024, device: str = "cpu") -> RewardModel:
+        """A fresh RM: the base model's body plus a new scalar head, in fp32 (CPU training path)."""
+        from rlaif.judge.models import load_tokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        path = resolve_base(spec)
+        with _quiet_loading():
+            tokenizer = load_tokenizer(path)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=torch.float32, attn_implementation="sdpa")
+            except (ValueError, ImportError):  # architecture without SDPA support
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model.to(device)
+        rm = cls(model, tokenizer, max_length=max_length, metadata={"base_model": spec, "base_path": path})
+        return rm
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", *, inference: bool = False) -> RewardModel:
+        """Load a directory written by `save` (or by `rlaif train-rm`), ready to score.
+
+        `inference=True` (PPO reward source, service) also swaps in the fast CPU kernels
+        (`pack_for_inference`); leave it off to fine-tune or re-save the loaded model."""
+        from rlaif.judge.models import load_tokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        path = Path(path)
+        sidecar = path / RM_CONFIG_FILE
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{path} is not an rlaif reward model (no {RM_CONFIG_FILE}); "
+                                    "train one with `rlaif train-rm`")
+        meta = json.loads(sidecar.read_text())
+        with _quiet_loading():
+            tokenizer = load_tokenizer(path)
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+        model.to(device)
+        model.eval()
+        rm = cls(model, tokenizer, max_length=int(meta["max_length"]), prompt_format=meta["prompt_format"],
+                 metadata=meta)
+        if inference:
+            rm.pack_for_inference()
+        return rm
+
+    def pack_for_inference(self) -> bool:
+        """Scoring only from now on: on CPU (fp32), run the trunk's linear layers through oneDNN
+        with pre-packed weights (`rlaif.judge.cpu_kernels`, ~2x on AMD CPUs; scores agree to ~1e-5).
+        The scalar head stays a plain `nn.Linear`. Afterwards the model can be neither trained nor
+        saved. Returns whether the fast kernels are in use (False on CUDA or without oneDNN)."""
+        from rlaif.judge.cpu_kernels import use_onednn_linears
+
+        packed = use_onednn_linears(self.model, self.device, exclude=[self.head] if self.head is not None else [])
+        if packed:
+            self.cpu_kernels = "onednn"
+            self.inference_only = True
+        return packed
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """`save_pretrained` weights + tokenizer + the sidecar describing the input format."""
+        if self.inference_only:
+            raise RuntimeError("this reward model was packed for inference (load(..., inference=True)); "
+                               "load it without inference=True to save or train it")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        meta = {**self.metadata, **(extra or {}), "format_version": FORMAT_VERSION, "max_length": self.max_length,
+                "prompt_format": self.formatter.prompt_format, "pad_token_id": self.tokenizer.pad_token_id}
+        (path / RM_CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        return path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ forward passes
+    def _attention_mask_from(self, allowed: torch.Tensor) -> torch.Tensor:
+        """SDPA takes the boolean mask as is; eager attention adds the mask, so it needs 0 / -inf form."""
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """Custom 4D masks need per-position hidden states (a `score` head) and SDPA/eager attention."""
+        return self.backbone is not None and self.model.config._attn_implementation in {"sdpa", "eager"}
+
+    def sequence_rewards(self, batch: FlatBatch) -> torch.Tensor:
+        """One reward per right-padded sequence, read at its last real token. (N,)"""
+        device = self.device
+        input_ids = batch.input_ids.to(device)
+        attention_mask = batch.attention_mask.to(device)
+        if self.head is None:  # e.g. encoder models: use the model's own pooling
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (N, T, H)
+        rows = torch.arange(hidden.shape[0], device=device)
+        return self.head(hidden[rows, batch.last_index.to(device)]).squeeze(-1)  # (N,)
+
+    def pair_rewards(self, pairs: Sequence[EncodedPair], *, shared_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen, r_rejected), each (B,), for a batch of pairs in a single forward pass.
+
+        Gradients flow if the caller has them enabled; evaluation wraps this in inference_mode.
+        """
+        device = self.device
+        if shared_prefix:
+            batch = collate_shared_prefix(pairs, self.pad_id)
+            hidden = self.backbone(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                                   attention_mask=self._attention_mask_from(batch.allowed.to(device)),
+                                   use_cache=False).last_hidden_state  # (B, T, H)
+            rows = torch.arange(len(pairs), device=device)
+            last = torch.cat([hidden[rows, batch.chosen_index.to(device)],
+                              hidden[rows, batch.rejected_index.to(device)]])  # (2B, H)
+            assert self.head is not None, "shared-prefix scoring needs a per-position `score` head"
+            rewards = self.head(last).squeeze(-1)  # (2B,)
+        else:
+            sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+            rewards = self.sequence_rewards(collate_flat(sequences, self.pad_id))  # (2B,)
+        return rewards[: len(pairs)], rewards[len(pairs):]
+
+    def check_shared_prefix(self, pair: EncodedPair, atol: float = 1e-3) -> tuple[bool, str]:
+        """Does the shared-prefix forward give the same rewards as separate sequences on this model?
+
+        Run once before training: architectures that ignore custom masks or position ids, or
+        attend bidirectionally, fail here and training falls back to the flat layout.
+        """
+        if not self.supports_shared_prefix:
+            return False, (f"needs a decoder with a `score` head and sdpa/eager attention "
+                           f"(got head={self.head is not None}, attn={self.model.config._attn_implementation})")
+        short = EncodedPair(pair.prompt[-32:], pair.chosen[-32:], pair.rejected[-32:], pair.target)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                shared = torch.stack(self.pair_rewards([short], shared_prefix=True))
+                flat = torch.stack(self.pair_rewards([short], shared_prefix=False))
+        finally:
+            self.model.train(was_training)
+        diff = float((shared - flat).abs().max())
+        if not torch.isfinite(shared).all() or diff > atol:
+            return False, f"shared-prefix rewards differ from separate sequences by {diff:.2e}"
+        return True, f"max |diff| {diff:.1e}"
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def score_pairs(self, pairs: Sequence[EncodedPair], batch_size: int = 16,
+                    shared_prefix: bool | None = None) -> tuple[list[float], list[float]]:
+        """Rewards of the chosen and rejected side of each pair (batched, length-sorted)."""
+        if shared_prefix is None:
+            shared_prefix = self.supports_shared_prefix
+        self.model.eval()
+        chosen = [0.0] * len(pairs)
+        rejected = [0.0] * len(pairs)
+        for idx in length_sorted_batches([p.row_length for p in pairs], batch_size):
+            r_c, r_r = self.pair_rewards([pairs[i] for i in idx], shared_prefix=shared_prefix)
+            for i, c, r in zip(idx, r_c.float().tolist(), r_r.float().tolist()):
+                chosen[i], rejected[i] = c, r
+        return chosen, rejected
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """Reward of each (prompt, response), formatted exactly as in training. Batched, length-sorted.
+
+        A prompt is text (one user turn) or a list of chat messages.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not responses:
+            return []
+        self.model.eval()
+        prompt_ids, (response_ids,) = self.formatter.encode(prompts, [responses])
+        sequences = [fit_single(p, r, self.max_length) for p, r in zip(prompt_ids, response_ids)]
+        out = [0.0] * len(sequences)
+        for idx in length_sorted_batches([len(s) for s in sequences], batch_size):
+            rewards = self.sequence_rewards(collate_flat([sequences[i] for i in idx], self.pad_id))
+            for i, value in zip(idx, rewards.float().tolist()):
+                out[i] = value
+        return out
