@@ -47,10 +47,10 @@ def make_groups(count: int, n: int, seed: int = 0) -> list[GroupItem]:
         styles = [
             lambda v: f"{v}",
             lambda v: f"The answer is {v}.",
-            lambda v: f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {v}.",
-            lambda v: f"Let me work it out step by step. First, {a} times {b // 10 * 10} is {a * (b // 10 * 10)}. "
+            lambda v, a=a, b=b: f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {v}.",
+            lambda v, a=a, b=b: f"Let me work it out step by step. First, {a} times {b // 10 * 10} is {a * (b // 10 * 10)}. "
                       f"Then {a} times {b % 10} is {a * (b % 10)}. Adding them gives {v}. So the product is {v}.",
-            lambda v: f"I think it is about {v}, but I am not completely sure about the last digit.",
+            lambda v, a=a, b=b: f"I think it is about {v}, but I am not completely sure about the last digit.",
         ]
         responses = []
         for i in range(n):

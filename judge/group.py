@@ -5,7 +5,8 @@ may compare the group's responses with each other instead of grading each alone 
 does this listwise). Two methods, both on the debiased soft-label core:
 
 - **listwise** (rubric kind `group`, default `group-listwise`): the whole group in one prompt,
-  then one score question per response ("Rate Response 3 from 0 to 10"), read as a label
+  then one score question per response ("... rate the response numbered below ... Response number: 3",
+  ending with the index so the N questions share all text before it), read as a label
   distribution; the expected score rescaled to [0, 1] is that response's score in that
   presentation order. Repeated over `orders` seeded presentation orders: rotations of one seeded
   random permutation, so each response is seen at evenly spread positions (with `orders = N`,

@@ -22,10 +22,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rlaif.judge.labeling.config import _JobConfig
 from rlaif.judge.labeling.pairs import derive_seed
@@ -416,7 +416,7 @@ def progress_bar(config: _JobConfig, total: int, initial: int, desc: str,
 
 def run_batches(config: _JobConfig, *, store: ProgressStore, models: Models, source: Source, last_stage: str,
                 desc: str, counters: SessionCounters, judge_batch: Callable[..., None],
-                ray: RayOptions | None = None, models_kwargs: dict[str, object] | None = None) -> list[int]:
+                ray: RayOptions | None = None, models_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """The job loop `rlaif label` and `rlaif best-of-n` share: every unfinished batch sampled (or read back), judged
     and committed in order, under one progress bar; with `ray`, the same batches on a Ray cluster instead.
 
