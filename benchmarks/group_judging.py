@@ -15,8 +15,8 @@ from another's). (`prefix_cache=false` would also switch off the radix-tree shar
 `tokens_computed` (tokens actually run through the model, cached prefixes and padding
 excluded) is the judge cost; `tokens_requested` is the sum of the queried sequence lengths
 (what an engine without prefix sharing would run). The groups are arithmetic questions with N
-candidate answers of varied length (short answers, worked solutions, wrong ones), written here
-so the benchmark needs no data files.
+candidate answers of varied length and wording (short answers, worked solutions, wrong ones; no
+two open alike, as sampled answers rarely do), written here so the benchmark needs no data files.
 
     python benchmarks/group_judging.py                     # G=4 groups of N=8
     python benchmarks/group_judging.py --groups 2 --n 4 --orders 1 2
@@ -44,13 +44,17 @@ def make_groups(count: int, n: int, seed: int = 0) -> list[GroupItem]:
     for _ in range(count):
         a, b = rng.randint(12, 99), rng.randint(12, 99)
         right = a * b
-        styles = [
-            lambda v: f"{v}",
-            lambda v: f"The answer is {v}.",
-            lambda v, a=a, b=b: f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {v}.",
-            lambda v, a=a, b=b: f"Let me work it out step by step. First, {a} times {b // 10 * 10} is {a * (b // 10 * 10)}. "
-                      f"Then {a} times {b % 10} is {a * (b % 10)}. Adding them gives {v}. So the product is {v}.",
-            lambda v, a=a, b=b: f"I think it is about {v}, but I am not completely sure about the last digit.",
+        first, second = a * (b // 10 * 10), a * (b % 10)
+        styles = [  # eight different openings: no two answers of a group share a long prefix (as sampled ones rarely do)
+            lambda v, a=a, b=b, first=first, second=second: f"{v}",
+            lambda v, a=a, b=b, first=first, second=second: f"The answer is {v}.",
+            lambda v, a=a, b=b, first=first, second=second: f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {first} + {second} = {v}.",
+            lambda v, a=a, b=b, first=first, second=second: f"Let me work it out step by step. First, {a} times {b // 10 * 10} is {first}. Then {a} times "
+                      f"{b % 10} is {second}. Adding them gives {v}. So the product is {v}.",
+            lambda v, a=a, b=b, first=first, second=second: f"I think it is about {v}, but I am not completely sure about the last digit.",
+            lambda v, a=a, b=b, first=first, second=second: f"Multiplying {a} by {b} gives {v}.",
+            lambda v, a=a, b=b, first=first, second=second: f"Sure! Breaking {b} into {b // 10 * 10} and {b % 10}: {first} plus {second} makes {v}.",
+            lambda v, a=a, b=b, first=first, second=second: f"{v} is the result of {a} * {b}.",
         ]
         responses = []
         for i in range(n):
