@@ -52,7 +52,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlaif.judge.metrics import accuracy, expected_calibration_error, wilson_interval
+from rlaif.judge.metrics import accuracy, expected_calibration_error, fit_logistic, wilson_interval
 from rlaif.judge.types import OrderJudgment, PairwiseJudgment, Preference
 
 CALIBRATION_FORMAT = "rlaif-calibration-v1"
@@ -254,30 +254,7 @@ def fit_ridge_logistic(features: np.ndarray, targets: np.ndarray, prior: np.ndar
 
     `features` (N, D) hold every column (no implicit intercept); `targets` are in [0, 1] (soft labels,
     e.g. 0.5 for a human tie, are fitted by cross-entropy). Returns (coefficients, converged)."""
-    prior = np.asarray(prior, dtype=np.float64)
-
-    def loss_of(beta: np.ndarray) -> float:
-        z = features @ beta
-        return float(np.sum(np.logaddexp(0.0, z) - targets * z) + 0.5 * l2 * np.sum((beta - prior) ** 2))
-
-    beta = prior.copy()
-    loss = loss_of(beta)
-    for _ in range(max_iter):
-        p = _sigmoid(features @ beta)  # (N,)
-        gradient = features.T @ (p - targets) + l2 * (beta - prior)  # (D,)
-        hessian = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(len(beta))  # (D, D)
-        step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]
-        scale = 1.0
-        while True:
-            candidate = beta - scale * step
-            candidate_loss = loss_of(candidate)
-            if candidate_loss <= loss + 1e-12 or scale < 1e-6:
-                break
-            scale /= 2
-        beta, loss = candidate, candidate_loss
-        if np.max(np.abs(scale * step)) < tol:
-            return beta, True
-    return beta, False
+    return fit_logistic(features, targets, l2=l2, max_iter=max_iter, tol=tol, prior=prior)
 
 
 def fit_params(features: np.ndarray, outcome_a: np.ndarray, *, l2: float = 1.0) -> CalibrationParams:

@@ -194,26 +194,28 @@ def _sigmoid(z: np.ndarray | float) -> np.ndarray:
 
 
 def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: ArrayLike = 0.0, max_iter: int = 100,
-                 tol: float = 1e-10) -> tuple[np.ndarray, bool]:
+                 tol: float = 1e-10, prior: ArrayLike | None = None) -> tuple[np.ndarray, bool]:
     """Logistic regression by Newton's method (IRLS) with step halving; returns (coefficients, converged).
 
     `features` is (N, D) and should include an intercept column; `targets` are in [0, 1], so
     soft labels (judge probabilities) are fitted by cross-entropy just like hard ones. `l2`
     (scalar or one value per column) adds 0.5 * l2 * beta**2 to the loss. The Newton system
     is solved by least squares so a degenerate column (e.g. all length differences zero) gets
-    a zero coefficient instead of a singular-matrix error.
+    a zero coefficient instead of a singular-matrix error. With `prior`, the penalty pulls towards
+    it instead of zero (0.5 * l2 * (beta - prior)**2) and the fit starts there.
     """
     penalty = np.broadcast_to(np.asarray(l2, dtype=float), (features.shape[1],))  # (D,)
+    center = np.zeros(features.shape[1]) if prior is None else np.asarray(prior, dtype=np.float64)  # (D,)
 
     def loss_of(beta: np.ndarray) -> float:
         z = features @ beta  # (N,)
-        return float(np.sum(np.logaddexp(0.0, z) - targets * z) + 0.5 * np.sum(penalty * beta * beta))
+        return float(np.sum(np.logaddexp(0.0, z) - targets * z) + 0.5 * np.sum(penalty * (beta - center) ** 2))
 
-    beta = np.zeros(features.shape[1])  # (D,)
+    beta = center.copy()  # (D,)
     loss = loss_of(beta)
     for _ in range(max_iter):
         p = _sigmoid(features @ beta)  # (N,)
-        gradient = features.T @ (p - targets) + penalty * beta  # (D,)
+        gradient = features.T @ (p - targets) + penalty * (beta - center)  # (D,)
         hessian = features.T @ (features * (p * (1 - p))[:, None]) + np.diag(penalty)  # (D, D)
         step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]  # (D,)
         scale = 1.0
