@@ -42,7 +42,7 @@ import numpy as np
 
 from rlaif.judge.cache import JudgmentCache, cache_key
 from rlaif.judge.engines.base import LABEL_SEMANTICS, Engine, label_distribution
-from rlaif.judge.judges import PairwiseJudge
+from rlaif.judge.judges import PairwiseJudge, judge_through_cache
 from rlaif.judge.rubric import Rubric, RubricError, load_rubric
 from rlaif.judge.types import ChatPrompt, GroupItem, GroupJudgment, PairwiseItem, Timings
 
@@ -209,21 +209,7 @@ class GroupJudge:
         if self.method == "round_robin":
             return self._round_robin(items, started)
         keys = [self.item_key(item) for item in items]
-        cached = self.cache.get_many(keys) if self.cache is not None else {}
-        results: list[GroupJudgment | None] = [
-            GroupJudgment.model_validate_json(cached[k]).model_copy(update={"cached": True}) if k in cached else None
-            for k in keys]
-        todo = [i for i, k in enumerate(keys) if k not in cached]
-        if todo:
-            timings = Timings(batch_size=len(todo))
-            fresh = self._listwise([items[i] for i in todo], timings)
-            timings.total_seconds = time.perf_counter() - started
-            for i, result in zip(todo, fresh):
-                result.timings = timings
-                results[i] = result
-            if self.cache is not None:
-                self.cache.put_many("group", {keys[i]: results[i].model_dump_json() for i in todo})  # type: ignore[union-attr]
-        return results  # type: ignore[return-value]
+        return judge_through_cache(items, keys, self.cache, "group", GroupJudgment, self._listwise, started)
 
     def _common(self) -> dict[str, object]:
         return {"rubric_id": self.rubric.id, "rubric_version": self.rubric.version, "engine": self.engine.engine_id,

@@ -38,6 +38,8 @@ from rlaif.judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, Pairwise
 Mode = Literal["logprob", "cot"]
 ItemT = TypeVar("ItemT", PairwiseItem, ScoreItem)
 ResultT = TypeVar("ResultT", PairwiseJudgment, ScoreJudgment)
+AnyItem = TypeVar("AnyItem")
+AnyResult = TypeVar("AnyResult")
 
 
 def check_judge_setup(kind: Literal["pairwise", "score", "checklist"], rubric: Rubric | str, mode: str, *,
@@ -56,6 +58,30 @@ def check_judge_setup(kind: Literal["pairwise", "score", "checklist"], rubric: R
     if mode == "cot" and samples > 1 and loaded.cot.temperature == 0:  # type: ignore[union-attr]
         raise ValueError("self-consistency (cot samples > 1) needs cot.temperature > 0 in the rubric")
     return loaded
+
+
+def judge_through_cache(items: Sequence[AnyItem], keys: Sequence[str], cache: JudgmentCache | None, kind: str,
+                        result_type: type, compute: Callable[[Sequence[AnyItem], Timings], list[AnyResult]],
+                        started: float) -> list[AnyResult]:
+    """Cached results for `keys` (marked `cached`), `compute(uncached items, timings)` for the rest, stored back.
+
+    Every judge (pairwise, score, checklist, group) goes through here, so a cache hit means the same thing for
+    all of them; output order matches input order, and the fresh results share one `Timings` of this call."""
+    cached = cache.get_many(keys) if cache is not None else {}
+    results: list[AnyResult | None] = [
+        result_type.model_validate_json(cached[key]).model_copy(update={"cached": True}) if key in cached else None
+        for key in keys]
+    todo = [i for i, key in enumerate(keys) if key not in cached]
+    if todo:
+        timings = Timings(batch_size=len(todo))
+        fresh = compute([items[i] for i in todo], timings)
+        timings.total_seconds = time.perf_counter() - started
+        for i, result in zip(todo, fresh):
+            result.timings = timings  # type: ignore[attr-defined]
+            results[i] = result
+        if cache is not None:
+            cache.put_many(kind, {keys[i]: results[i].model_dump_json() for i in todo})  # type: ignore[attr-defined]
+    return results  # type: ignore[return-value]
 
 
 class _BatchJudge(Generic[ItemT, ResultT]):
@@ -99,22 +125,7 @@ class _BatchJudge(Generic[ItemT, ResultT]):
             return []
         self.check_items(items)
         keys = [self.item_key(item) for item in items]
-        cached = self.cache.get_many(keys) if self.cache is not None else {}
-        todo = [i for i, key in enumerate(keys) if key not in cached]
-        results: list[ResultT | None] = [None] * len(items)
-        for i, key in enumerate(keys):
-            if key in cached:
-                results[i] = self.result_type.model_validate_json(cached[key]).model_copy(update={"cached": True})
-        if todo:
-            timings = Timings(batch_size=len(todo))
-            fresh = self._judge_uncached([items[i] for i in todo], timings)
-            timings.total_seconds = time.perf_counter() - start
-            for i, result in zip(todo, fresh):
-                result.timings = timings
-                results[i] = result
-            if self.cache is not None:
-                self.cache.put_many(self.kind, {keys[i]: results[i].model_dump_json() for i in todo})  # type: ignore[union-attr]
-        return results  # type: ignore[return-value]
+        return judge_through_cache(items, keys, self.cache, self.kind, self.result_type, self._judge_uncached, start)
 
     # -- engine helpers shared by both judges
     def _render_kwargs(self) -> dict[str, object]:
