@@ -21,8 +21,9 @@ checklist mode, so changing a weight never reuses a stale verdict.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,10 +31,37 @@ from rlaif.judge.cache import JudgmentCache
 from rlaif.judge.engines.base import Engine
 from rlaif.judge.judges import _BatchJudge
 from rlaif.judge.rubric import Rubric, RubricError, load_rubric
-from rlaif.judge.types import ChatPrompt, ChecklistItem, ChecklistJudgment, CriterionJudgment, Timings
+from rlaif.judge.types import ChatPrompt, ChecklistItem, ChecklistJudgment, Criterion, CriterionJudgment, Timings
 
 ChecklistMode = Literal["explicit", "implicit"]
 DEFAULT_CHECKLIST_RUBRICS: dict[str, str] = {"explicit": "checklist", "implicit": "checklist-implicit"}
+
+
+def parse_criteria(value: Any, where: str) -> tuple[Criterion, ...]:
+    """A data file's checklist cell -> `Criterion`s: a list of texts or of {text, weight} mappings.
+
+    A cell that is a JSON string (CSV, some parquet exports) is decoded first. `where` names the
+    file and row in the error, so a bad criterion in row 900 of a prompt file is found at once."""
+    from pydantic import ValidationError
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: criteria must be a list of texts or {{text, weight}} objects (or that list as "
+                             f"JSON text), got the string {value[:60]!r}") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: criteria must be a non-empty list of texts or {{text, weight}} objects, got "
+                         f"{type(value).__name__}")
+    out = []
+    for i, entry in enumerate(value):
+        try:
+            out.append(Criterion(text=entry) if isinstance(entry, str) else Criterion.model_validate(entry))
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            field = ".".join(str(p) for p in problem["loc"])
+            raise ValueError(f"{where}: criterion {i}: {field + ': ' if field else ''}{problem['msg']}") from None
+    return tuple(out)
 
 
 def aggregate_checklist(prob_yes: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:

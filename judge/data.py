@@ -510,6 +510,12 @@ def _first_instance_input(record: Mapping[str, Any]) -> str:
 
 
 def load_prompts(source: str | Path, column: str | None = None, limit: int | None = None) -> list[PromptRecord]:
+    """Load prompts (see `load_prompts_with_rows`, which also returns each prompt's source row)."""
+    return [record for record, _ in load_prompts_with_rows(source, column, limit)]
+
+
+def load_prompts_with_rows(source: str | Path, column: str | None = None,
+                           limit: int | None = None) -> list[tuple[PromptRecord, Mapping[str, Any]]]:
     """Load prompts from a jsonl/json/parquet/csv file or a `save_to_disk` directory.
 
     Without `column`, the prompt field is detected: `turns[0]` (MT-Bench), `instruction`
@@ -517,7 +523,8 @@ def load_prompts(source: str | Path, column: str | None = None, limit: int | Non
     With `column` (a field name or a path such as `turns[0]` or `conversation[0].content`)
     exactly that field is used. A chat-formatted prompt keeps its messages and gets a
     flattened `text`. Rows with an empty prompt are skipped; `limit` keeps the first
-    `limit` usable rows.
+    `limit` usable rows. Each prompt comes with its whole source row, so per-prompt columns
+    (reference answers, checklists) are read from the very row the prompt came from.
     """
     _check_limit(limit)
     path = Path(source)
@@ -558,7 +565,7 @@ def load_prompts(source: str | Path, column: str | None = None, limit: int | Non
         records.append(PromptRecord(id=f"{stem}-{row}", text=text, messages=messages))
     if skipped:
         logger.info("%s: skipped %d rows with an empty prompt", path, skipped)
-    return _with_native_ids(records, used_rows)
+    return list(zip(_with_native_ids(records, used_rows), used_rows))
 
 
 def _with_native_ids(records: list[PromptRecord], rows: Iterable[Mapping[str, Any]]) -> list[PromptRecord]:

@@ -146,7 +146,8 @@ def config_answers(config: PPOConfig) -> dict[str, str] | None:
 
 def config_checklists(config: PPOConfig) -> dict[str, tuple[Criterion, ...]]:
     """prompt -> its checklist from the prompt file's `reward.criteria_column` (default `criteria`)."""
-    from rlaif.policy_training.prompt_data import column_table, load_prompt_rows, parse_criteria
+    from rlaif.judge.checklist import parse_criteria
+    from rlaif.policy_training.prompt_data import column_table, load_prompt_rows
 
     if config.policy.prompts is None:
         raise ValueError("reward_mode checklist needs `prompts`: each prompt's criteria are read from the prompt file")

@@ -119,23 +119,3 @@ def column_table(rows: dict[str, dict[str, Any]], column: str, path: str | Path,
         raise ValueError(f"{path}: {len(missing)} prompt(s) have no {column!r} column for {what}, e.g. "
                          f"{missing[0][:80]!r}")
     return {prompt: row[column] for prompt, row in rows.items()}
-
-
-def parse_criteria(value: Any, where: str) -> tuple[Any, ...]:
-    """A prompt file's checklist cell -> `Criterion`s: a list of texts or of {text, weight} mappings."""
-    from pydantic import ValidationError
-
-    from rlaif.judge.types import Criterion
-
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: criteria must be a non-empty list of texts or {{text, weight}} objects, got "
-                         f"{type(value).__name__}")
-    out = []
-    for i, entry in enumerate(value):
-        try:
-            out.append(Criterion(text=entry) if isinstance(entry, str) else Criterion.model_validate(entry))
-        except ValidationError as exc:
-            problem = exc.errors()[0]
-            field = ".".join(str(p) for p in problem["loc"])
-            raise ValueError(f"{where}: criterion {i}: {field + ': ' if field else ''}{problem['msg']}") from None
-    return tuple(out)

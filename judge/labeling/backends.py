@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from rlaif.judge.types import PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
+from rlaif.judge.types import ChecklistItem, ChecklistJudgment, PairwiseItem, PairwiseJudgment, ScoreItem, ScoreJudgment
 
 if TYPE_CHECKING:  # pragma: no cover
     from rlaif.judge.cache import JudgmentCache
@@ -34,14 +34,22 @@ class JudgeBackend(Protocol):
         """Direct scores, one per item, in order."""
         ...
 
+    def checklist(self, items: Sequence[ChecklistItem]) -> list[ChecklistJudgment]:
+        """Checklist grades (each item against its own criteria), one per item, in order."""
+        ...
+
 
 class LocalJudge:
     """The judge in this process. Judges are built on first use so an unused rubric never loads."""
 
     def __init__(self, engine: Engine, *, pairwise_rubric: str | None, score_rubric: str | None, mode: str,
                  tie_margin: float = 0.05, cache: JudgmentCache | None = None, seed: int = 0,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, checklist_rubric: str | None = None,
+                 checklist_mode: str = "explicit") -> None:
         self.engine = engine
+        self._checklist_rubric = checklist_rubric
+        self._checklist_mode = checklist_mode
+        self._checklist = None
         self._calibration = calibration
         self._pairwise_rubric = pairwise_rubric
         self._score_rubric = score_rubric
@@ -71,6 +79,16 @@ class LocalJudge:
                                      cache=self._cache, seed=self._seed)
         return self._score.judge(items)
 
+    def checklist(self, items: Sequence[ChecklistItem]) -> list[ChecklistJudgment]:
+        if self._checklist is None:
+            from rlaif.judge.checklist import ChecklistJudge
+
+            assert self._checklist_rubric is not None, "this job has no checklist rubric"
+            self._checklist = ChecklistJudge(self.engine, self._checklist_rubric,
+                                             checklist_mode=self._checklist_mode,  # type: ignore[arg-type]
+                                             cache=self._cache, seed=self._seed)
+        return self._checklist.judge(items)
+
 
 class ServiceJudge:
     """A remote judge (`rlaif serve`) through `rlaif.judge.api.client.JudgeClient`.
@@ -79,8 +97,11 @@ class ServiceJudge:
     server's limit) and retries 429/503 with backoff; the server's micro-batcher merges them.
     """
 
-    def __init__(self, client, *, pairwise_rubric: str | None, score_rubric: str | None, mode: str) -> None:
+    def __init__(self, client, *, pairwise_rubric: str | None, score_rubric: str | None, mode: str,
+                 checklist_rubric: str | None = None, checklist_mode: str = "explicit") -> None:
         self.client = client
+        self._checklist_rubric = checklist_rubric
+        self._checklist_mode = checklist_mode
         self._pairwise_rubric = pairwise_rubric
         self._score_rubric = score_rubric
         self._mode = mode
@@ -92,6 +113,11 @@ class ServiceJudge:
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreJudgment]:
         items = [item.model_dump() for item in items]
         return [_as(ScoreJudgment, j) for j in self.client.score(items, rubric=self._score_rubric, mode=self._mode)]
+
+    def checklist(self, items: Sequence[ChecklistItem]) -> list[ChecklistJudgment]:
+        items = [item.model_dump() for item in items]
+        return [_as(ChecklistJudgment, j) for j in self.client.checklist(items, rubric=self._checklist_rubric,
+                                                                         checklist_mode=self._checklist_mode)]
 
     def close(self) -> None:
         self.client.close()
@@ -109,8 +135,10 @@ class Models:
 
     def __init__(self, config: _JobConfig, *, pairwise_rubric: str | None, score_rubric: str | None,
                  tie_margin: float = 0.05, policy_engine: Engine | None = None, judge: JudgeBackend | None = None,
-                 judge_engine: Engine | None = None) -> None:
+                 judge_engine: Engine | None = None, checklist_rubric: str | None = None,
+                 checklist_mode: str = "explicit") -> None:
         self.config = config
+        self._checklist = dict(checklist_rubric=checklist_rubric, checklist_mode=checklist_mode)
         self._pairwise_rubric = pairwise_rubric
         self._score_rubric = score_rubric
         self._tie_margin = tie_margin
@@ -145,7 +173,7 @@ class Models:
             client = JudgeClient(config.judge_url, api_key=config.api_key, timeout=config.timeout,
                                  max_items=config.request_batch_size)
             self._service = ServiceJudge(client, pairwise_rubric=self._pairwise_rubric, score_rubric=self._score_rubric,
-                                         mode=config.mode)
+                                         mode=config.mode, **self._checklist)
             return self._service
         if self._judge_engine is None:
             if self._policy is not None and config.policy == config.engine:
@@ -166,7 +194,7 @@ class Models:
             calibration = Calibration.load(calibration_path)
         return LocalJudge(self._judge_engine, pairwise_rubric=self._pairwise_rubric, score_rubric=self._score_rubric,
                           mode=config.mode, tie_margin=self._tie_margin, cache=self._cache, seed=config.seed,
-                          calibration=calibration)
+                          calibration=calibration, **self._checklist)
 
     def policy_name(self) -> str:
         return self.policy.model_name

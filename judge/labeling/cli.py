@@ -64,9 +64,12 @@ def register(app: typer.Typer) -> None:
         policy: PolicyOpt = "default",
         n: Annotated[int, typer.Option("--n", help="Responses sampled per prompt.")] = 4,
         pairs: Annotated[str, typer.Option("--pairs", help="best-worst | all | random.")] = "best-worst",
-        ranking: Annotated[str, typer.Option("--ranking", help="How best-worst ranks samples: wins (pairwise round robin) or score (score judge).")] = "wins",
+        ranking: Annotated[str, typer.Option("--ranking", help="How best-worst ranks samples: wins (pairwise round robin), score (score judge) or checklist (each prompt's own criteria, --criteria-column).")] = "wins",
         rubric: Annotated[Optional[str], typer.Option("--rubric", help="Pairwise rubric id or YAML file (default: helpfulness).")] = None,
         score_rubric: Annotated[str, typer.Option("--score-rubric", help="Score rubric for --ranking score.")] = "score-1-10",
+        criteria_column: Annotated[str, typer.Option("--criteria-column", help="--ranking checklist: source column with each prompt's checklist (a list of texts or {text, weight} objects).")] = "criteria",
+        checklist_mode: Annotated[str, typer.Option("--checklist-mode", help="--ranking checklist: explicit (one yes/no question per criterion) or implicit (whole checklist in one prompt).")] = "explicit",
+        checklist_rubric: Annotated[Optional[str], typer.Option("--checklist-rubric", help="--ranking checklist: rubric id or YAML file (default: checklist / checklist-implicit).")] = None,
         mode: ModeOpt = "logprob",
         tie_margin: Annotated[float, typer.Option("--tie-margin", help="|P - 0.5| below this is a tie (in-process judge).")] = 0.05,
         engine: EngineOpt = "default",
@@ -103,6 +106,7 @@ def register(app: typer.Typer) -> None:
             config = _config(LabelConfig,
                 prompts=prompts, out=out, prompt_column=prompt_column, limit=limit, policy=policy, n=n, pairs=pairs,  # type: ignore[arg-type]
                 ranking=ranking, rubric=rubric, score_rubric=score_rubric, mode=mode, tie_margin=tie_margin,  # type: ignore[arg-type]
+                criteria_column=criteria_column, checklist_mode=checklist_mode, checklist_rubric=checklist_rubric,  # type: ignore[arg-type]
                 engine=engine, judge_url=judge_url, api_key=api_key,
                 responses_from=tuple(responses_from.split(",")) if responses_from else None, answer_column=answer_column,
                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,

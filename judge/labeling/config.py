@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Export = Literal["jsonl", "parquet"]
 PairStrategy = Literal["best-worst", "all", "random"]
-Ranking = Literal["wins", "score"]
+Ranking = Literal["wins", "score", "checklist"]
 Selection = Literal["score", "tournament"]
 PromptFormat = Literal["conversational", "standard"]
 
@@ -82,6 +82,9 @@ class _JobConfig(BaseModel):
             fields.pop("engine")  # the service decides its engine; its model shows in every judgment
         if fields.get("answer_column", "") is None:
             fields.pop("answer_column")  # added later: jobs without reference answers keep their identity
+        if fields.get("ranking") != "checklist":  # added later: only checklist-ranked jobs depend on these
+            for name in ("criteria_column", "checklist_mode", "checklist_rubric"):
+                fields.pop(name, None)
         return {"job": self.job_name, **fields, **extra}
 
     job_name: ClassVar[str] = "job"
@@ -103,8 +106,16 @@ class LabelConfig(_JobConfig):
     pairs: PairStrategy = Field("best-worst", description="best-worst: one pair per prompt, the top- and bottom-ranked "
                                                           "samples; all: every pair; random: one seeded random pair.")
     ranking: Ranking = Field("wins", description="How best-worst ranks the N samples: wins = round robin of pairwise "
-                                                 "judgments (soft wins); score = the score judge.")
+                                                 "judgments (soft wins); score = the score judge; checklist = each "
+                                                 "prompt's own criteria (criteria_column), weighted mean P(yes).")
     score_rubric: str = Field("score-1-10", description="Score rubric used by ranking=score.")
+    criteria_column: str = Field("criteria", description="ranking=checklist: source column holding each prompt's "
+                                                         "checklist, a list of texts or {text, weight} objects.")
+    checklist_mode: Literal["explicit", "implicit"] = Field("explicit", description=(
+        "ranking=checklist: explicit = one yes/no question per criterion; implicit = the whole checklist in one "
+        "score prompt."))
+    checklist_rubric: str | None = Field(None, description="ranking=checklist: rubric id or YAML file (default: "
+                                                           "checklist, or checklist-implicit for implicit mode).")
     tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="In-process judge: |P - 0.5| below this is a tie.")
     responses_from: tuple[str, ...] | None = Field(None, description="Relabel existing responses read from these source "
                                                                      "columns instead of sampling (n = their count).")
@@ -136,9 +147,21 @@ class LabelConfig(_JobConfig):
         if self.calibration is not None and self.judge_url is not None:
             raise ValueError("calibration applies to the in-process judge; a judge service calibrates with its own "
                              "`rlaif serve --calibration FILE`")
-        if self.ranking == "score" and self.pairs != "best-worst":
-            raise ValueError(f"ranking=score only applies to pairs=best-worst (pairs={self.pairs} needs no ranking)")
+        if self.ranking in ("score", "checklist") and self.pairs != "best-worst":
+            raise ValueError(f"ranking={self.ranking} only applies to pairs=best-worst (pairs={self.pairs} needs no "
+                             "ranking)")
         return self
+
+    @property
+    def ranking_rubric(self) -> str | None:
+        """The rubric that ranks the N samples of best-worst (None for ranking=wins: the pairwise rubric does)."""
+        if self.ranking == "score":
+            return self.score_rubric
+        if self.ranking == "checklist":
+            from rlaif.judge.checklist import DEFAULT_CHECKLIST_RUBRICS
+
+            return self.checklist_rubric or DEFAULT_CHECKLIST_RUBRICS[self.checklist_mode]
+        return None
 
     @property
     def pairwise_rubric(self) -> str:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rlaif.judge.data import PromptRecord
     from rlaif.judge.labeling.backends import Models
+    from rlaif.judge.types import Criterion
     from rlaif.judge.labeling.ray_backend import RayOptions
     from rlaif.judge.types import ChatPrompt
 
@@ -64,9 +65,15 @@ class Source:
     digest: str = ""
     references: list[str | None] | None = None
     """Per prompt, its reference answer (`answer_column`), for reference-guided rubrics; None = no column."""
+    criteria: list[tuple[Criterion, ...]] | None = None
+    """Per prompt, its checklist (`criteria_column`), for `ranking=checklist`; None = not read."""
 
     def reference(self, index: int) -> str | None:
         return self.references[index] if self.references is not None else None
+
+    def criteria_of(self, index: int) -> tuple[Criterion, ...]:
+        assert self.criteria is not None, "this job read no checklists (ranking != checklist)"
+        return self.criteria[index]
 
 
 def load_source(config: _JobConfig) -> Source:
@@ -77,9 +84,11 @@ def load_source(config: _JobConfig) -> Source:
     responses is left out and counted. A chat-formatted response cell yields its last
     assistant message.
     """
-    from rlaif.judge.data import load_prompts
+    from rlaif.judge.data import get_field, load_prompts, load_prompts_with_rows, parse_field_path
 
-    prompts = load_prompts(config.prompts, column=config.prompt_column, limit=config.limit)
+    with_rows = load_prompts_with_rows(config.prompts, column=config.prompt_column, limit=config.limit)
+    prompts = [record for record, _ in with_rows]
+    rows = {record.id: row for record, row in with_rows}
     if not prompts:
         raise ValueError(f"{config.prompts}: no usable prompts (all empty, or limit=0)")
     responses: list[list[str]] | None = None
@@ -108,11 +117,31 @@ def load_source(config: _JobConfig) -> Source:
         if absent:
             raise ValueError(f"{config.prompts}: {len(absent)} prompt(s) have no {answer_column!r} reference answer, "
                              f"e.g. {absent[0]!r}")
+    criteria: list[tuple[Criterion, ...]] | None = None
+    if getattr(config, "ranking", None) == "checklist":
+        from rlaif.judge.checklist import parse_criteria
+
+        column: str = config.criteria_column  # type: ignore[attr-defined]
+        steps = parse_field_path(column)
+        criteria = []
+        for record in prompts:
+            where = f"{config.prompts}: prompt {record.id!r}"
+            try:
+                cell = get_field(rows[record.id], steps)
+            except LookupError:  # the path does not exist in this row
+                cell = None
+            if cell is None:
+                raise ValueError(f"{where} has no {column!r} checklist (--criteria-column); every prompt needs one "
+                                 "for --ranking checklist")
+            criteria.append(parse_criteria(cell, where))
     payload: list[object] = [[p.id, p.text, p.messages] for p in prompts] + [responses]
     if references is not None:  # only then, so jobs without reference answers keep their digest
         payload.append({"references": references})
+    if criteria is not None:
+        payload.append({"criteria": [[c.model_dump() for c in item] for item in criteria]})
     digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-    return Source(prompts=prompts, responses=responses, missing_responses=missing, digest=digest, references=references)
+    return Source(prompts=prompts, responses=responses, missing_responses=missing, digest=digest, references=references,
+                  criteria=criteria)
 
 
 def _response_text(record: PromptRecord) -> str:
@@ -159,6 +188,10 @@ def preflight_job(config: _JobConfig) -> None:
             check_judge_setup("pairwise", config.pairwise_rubric, config.mode)  # type: ignore[attr-defined]
             if getattr(config, "ranking", None) == "score":
                 check_judge_setup("score", config.score_rubric, config.mode)  # type: ignore[attr-defined]
+            if getattr(config, "ranking", None) == "checklist":
+                from rlaif.judge.checklist import check_checklist_setup
+
+                check_checklist_setup(config.ranking_rubric, config.checklist_mode)  # type: ignore[attr-defined]
         validate_engine_spec(config.engine)
     if getattr(config, "responses_from", None) is None and (config.policy != config.engine or config.judge_url):
         validate_engine_spec(config.policy)

@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rlaif.judge.labeling.backends import JudgeBackend, Models
@@ -37,7 +38,8 @@ from rlaif.judge.labeling.job import (CARD_FILE, EXPORT_FILES, SUMMARY_FILE, Ses
                                 write_outputs, write_text)
 from rlaif.judge.labeling.pairs import all_pairs, orient, random_pair, rank_by_wins
 from rlaif.judge.labeling.store import ProgressStore
-from rlaif.judge.types import PairwiseItem, PairwiseJudgment, Preference, ScoreItem, low_label_mass_warning
+from rlaif.judge.types import (ChecklistItem, ChecklistJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
+                               ScoreJudgment, low_label_mass_warning)
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Features
@@ -93,8 +95,8 @@ def output_pairs(config: LabelConfig, prompt_index: int, n: int, judged: dict[tu
         return all_pairs(n)
     if config.pairs == "random":
         return [random_pair(n, config.seed, prompt_index)]
-    if config.ranking == "score":
-        assert scores is not None, "ranking=score needs the scores stage"
+    if config.ranking in ("score", "checklist"):
+        assert scores is not None, f"ranking={config.ranking} needs the scores stage"
         best, worst = _best_worst_by_score(scores)
     else:
         ranking = rank_by_wins(n, {pair: j.prob_a for pair, j in judged.items()})
@@ -113,14 +115,23 @@ def pairs_to_judge(config: LabelConfig, prompt_index: int, texts: list[str], sco
 
 
 # ---------------------------------------------------------------------------------- stages
-def _score_stage(store: ProgressStore, judge: JudgeBackend, source: Source, batch: int, indices: range,
-                 responses: dict[int, list[str]], counters: SessionCounters) -> dict[int, list[float]]:
+def _score_stage(store: ProgressStore, judge: JudgeBackend, config: LabelConfig, source: Source, batch: int,
+                 indices: range, responses: dict[int, list[str]], counters: SessionCounters) -> dict[int, list[float]]:
+    """Score every sample of the batch (the score judge, or each prompt's checklist); stored as stage `scores`."""
     if not store.stage_done(batch, "scores"):
         keys = [(i, s) for i in indices for s in range(len(responses[i]))]
-        items = [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s], reference=source.reference(i))
-                 for i, s in keys]
         started = time.perf_counter()
-        judgments = judge_in_chunks(judge.score, items, counters)
+        if config.ranking == "checklist":
+            checklist_items = [ChecklistItem(prompt=source.prompts[i].text, response=responses[i][s],
+                                             criteria=source.criteria_of(i), reference=source.reference(i))
+                               for i, s in keys]
+            checked: list[ChecklistJudgment] = judge_in_chunks(judge.checklist, checklist_items, counters)
+            judgments: Sequence[ScoreJudgment | ChecklistJudgment] = checked
+        else:
+            items = [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s], reference=source.reference(i))
+                     for i, s in keys]
+            scored: list[ScoreJudgment] = judge_in_chunks(judge.score, items, counters)
+            judgments = scored
         seconds = time.perf_counter() - started
         fresh = sum(not j.cached for j in judgments)
         store.save_records(batch, "scores", [json.dumps({"prompt": i, "sample": s, "judgment": j.model_dump(mode="json")})
@@ -158,8 +169,8 @@ def judge_batch(store: ProgressStore, judge: JudgeBackend, config: LabelConfig, 
     """The judging stages of one batch, after `generate`: `scores` (ranking by score), then `pairs`.
 
     Shared by the local loop and the Ray backend's judge actors (`rlaif.judge.labeling.ray_backend`)."""
-    scores = (_score_stage(store, judge, source, batch, indices, responses, counters)
-              if config.pairs == "best-worst" and config.ranking == "score" else None)
+    scores = (_score_stage(store, judge, config, source, batch, indices, responses, counters)
+              if config.pairs == "best-worst" and config.ranking in ("score", "checklist") else None)
     _pairs_stage(store, judge, config, source, batch, indices, responses, scores, counters)
 
 
@@ -290,6 +301,8 @@ def run_label(config: LabelConfig, *, policy_engine: Engine | None = None, judge
     rubrics = {"rubric": rubric_identity(config.pairwise_rubric, config.judge_url)}
     if config.ranking == "score":
         rubrics["score_rubric"] = rubric_identity(config.score_rubric, config.judge_url)
+    if config.ranking == "checklist":
+        rubrics["checklist_rubric"] = rubric_identity(str(config.ranking_rubric), config.judge_url)
     if config.calibration is not None:  # a calibration changes every judgment: part of the job's identity
         from rlaif.judge.calibration import Calibration
 
@@ -297,6 +310,8 @@ def run_label(config: LabelConfig, *, policy_engine: Engine | None = None, judge
     identity = config.identity(prompts_digest=source.digest, **rubrics)
     roles = dict(pairwise_rubric=config.pairwise_rubric, score_rubric=config.score_rubric if config.ranking == "score" else None,
                  tie_margin=config.tie_margin)
+    if config.ranking == "checklist":
+        roles.update(checklist_rubric=config.ranking_rubric, checklist_mode=config.checklist_mode)
     if ray is not None and any(x is not None for x in (policy_engine, judge_engine, judge)):
         raise ValueError("engines held by this process cannot move into Ray actors; with ray= pass "
                          "RayOptions(engine_factory=...) instead of policy_engine/judge_engine/judge")
