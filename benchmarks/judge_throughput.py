@@ -26,6 +26,14 @@ presentation order, ~384 tokens each with the chat template) for every method:
       CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/lcp/bin/pip install 'llama-cpp-python[server]'
       python benchmarks/judge_throughput.py --runs 3 --native-python /tmp/lcp/bin/python
 
+Other judges (`--hf-spec SPEC --gguf FILE`): the same comparison for any model whose GGUF
+llama.cpp serves and whose checkpoint (or the same GGUF, dequantized) our engine loads, e.g.
+the capable judge; `--both-orders` renders every pair in both presentation orders (what
+`PairwiseJudge` sends) and compares the debiased pair verdicts too:
+
+    python benchmarks/judge_throughput.py --runs 1 --both-orders --skip hf-batched hf-naive llamacpp-nocache \
+        --hf-spec hf:<capable-judge>.gguf --gguf <capable-judge>.gguf
+
 Every method is warmed up once, then the timed runs are interleaved (run 1 of every method,
 then run 2, ...) so slow drift on a shared machine hits all methods alike. Caches are not
 cleared between runs (steady state for both our prefix LRU and llama.cpp's slot cache).
@@ -62,13 +70,18 @@ METHODS = ("hf-batched", "hf-batched-bf16", "hf-naive", "llamacpp-cache", "llama
 class Result:
     method: str
     seconds: list[float] = field(default_factory=list)
-    verdicts: list[str] = field(default_factory=list)  # "A"/"B" per prompt from the last run
+    probs: list[float] = field(default_factory=list)  # P(first label, "A") per prompt from the last run
+
+    @property
+    def verdicts(self) -> list[str]:
+        return ["A" if p > 0.5 else "B" if p < 0.5 else "?" for p in self.probs]
 
     def rates(self, n: int) -> list[float]:
         return [n / s for s in self.seconds]
 
 
-def load_prompts(n: int) -> list[list[dict[str, str]]]:
+def load_prompts(n: int, both_orders: bool = False) -> list[list[dict[str, str]]]:
+    """The rendered pairwise prompts; with `both_orders`, (A, B) then (B, A) for every pair."""
     from rlaif.judge.data import load_preferences
     from rlaif.judge.rubric import load_rubric
 
@@ -76,27 +89,38 @@ def load_prompts(n: int) -> list[list[dict[str, str]]]:
     examples = load_preferences(DATA)[:n]
     if len(examples) < n:
         raise SystemExit(f"{DATA} has only {len(examples)} pairs")
-    return [rubric.render(prompt=e.prompt, response_a=e.chosen, response_b=e.rejected) for e in examples]
+    prompts = []
+    for e in examples:
+        prompts.append(rubric.render(prompt=e.prompt, response_a=e.chosen, response_b=e.rejected))
+        if both_orders:
+            prompts.append(rubric.render(prompt=e.prompt, response_a=e.rejected, response_b=e.chosen))
+    return prompts
 
 
-Runner = Callable[[list[list[dict[str, str]]]], list[str]]
-"""Judges a list of prompts, returns the verdict ("A"/"B") for each."""
+Runner = Callable[[list[list[dict[str, str]]]], list[float]]
+"""Judges a list of prompts, returns P("A" | the reply is "A" or "B") for each."""
 
 
 def label_runner(engine, labels: list[str]) -> Runner:
-    """Verdict per prompt = the label with the highest probability from `engine.label_logprobs`."""
-    def run(prompts) -> list[str]:
-        probs = engine.label_logprobs(prompts, labels)
-        return [labels[int(i)] for i in probs.argmax(axis=1)]
+    """P(first label) per prompt, from `engine.label_logprobs` normalized over the two labels."""
+    import numpy as np
+
+    def run(prompts) -> list[float]:
+        logprobs = np.asarray(engine.label_logprobs(prompts, labels), dtype=np.float64)
+        return [float(x) for x in 1.0 / (1.0 + np.exp(logprobs[:, 1] - logprobs[:, 0]))]
     return run
 
 
-def hf_batched(labels: list[str], spec: str = "default") -> Runner:
+def with_option(spec: str, option: str) -> str:
+    return f"{spec}&{option}" if "?" in spec else f"{spec}?{option}"
+
+
+def hf_batched(labels: list[str], spec: str = "default") -> tuple[Runner, object]:
     from rlaif.judge.engines import build_engine
 
     engine = build_engine(spec)
-    print(f"# hf-batched: linear kernels = {engine.cpu_kernels_in_use}", file=sys.stderr)
-    return label_runner(engine, labels)
+    print(f"# hf-batched {spec}: linear kernels = {engine.cpu_kernels_in_use}", file=sys.stderr)
+    return label_runner(engine, labels), engine
 
 
 def hf_naive() -> Runner:
@@ -111,7 +135,7 @@ def hf_naive() -> Runner:
     letter = re.compile(r"\b([AB])\b")
 
     @torch.inference_mode()
-    def run(prompts) -> list[str]:
+    def run(prompts) -> list[float]:
         verdicts = []
         for prompt in prompts:
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
@@ -119,7 +143,7 @@ def hf_naive() -> Runner:
             out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
             match = letter.search(text)
-            verdicts.append(match.group(1) if match else "?")
+            verdicts.append({"A": 1.0, "B": 0.0}.get(match.group(1), 0.5) if match else 0.5)
         return verdicts
     return run
 
@@ -205,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--json", type=Path, help="also write raw timings here")
+    parser.add_argument("--hf-spec", default="default", help="our engine's spec (default: the embedded model); "
+                        "hf-batched-bf16 adds dtype=bf16 to it")
+    parser.add_argument("--gguf", type=Path, help="the GGUF llama.cpp serves (default: the embedded model's)")
+    parser.add_argument("--both-orders", action="store_true", help="judge every pair in both presentation orders "
+                        "and compare the debiased pair verdicts")
     parser.add_argument("--native-python", help="interpreter with llama-cpp-python[server] built natively: adds "
                         "the llamacpp-native method")
     args = parser.parse_args(argv)
@@ -219,11 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     from rlaif.judge.rubric import load_rubric
 
     labels = load_rubric("helpfulness").labels
-    prompts = load_prompts(args.pairs)
-    tokenizer = load_tokenizer(plain_checkpoint())
-    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
-               for p in prompts]
+    prompts = load_prompts(args.pairs, args.both_orders)
+    custom = args.hf_spec != "default" or args.gguf is not None
     methods = [m for m in METHODS if m not in args.skip and (m != "llamacpp-native" or args.native_python)]
+    if custom and {"hf-naive", "llamacpp-native"} & set(methods):
+        parser.error("hf-naive and llamacpp-native run the embedded model only: --skip them with --hf-spec/--gguf")
+    tokenizer = None
     load_at_start = load_average()
     server = native = None
     runners: dict[str, Runner] = {}
@@ -233,12 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         if any(m in ("llamacpp-cache", "llamacpp-nocache") for m in methods):
             from rlaif.judge.engines.llamacpp_server import start_llamacpp_server
 
-            server = start_llamacpp_server(threads=args.threads, parallel=1, cache_ram_mib=0)
+            server = start_llamacpp_server(model_path=args.gguf, threads=args.threads, parallel=1, cache_ram_mib=0)
         for method in methods:
-            if method == "hf-batched":
-                runners[method] = hf_batched(labels)
-            elif method == "hf-batched-bf16":
-                runners[method] = hf_batched(labels, "default?dtype=bf16")
+            if method in ("hf-batched", "hf-batched-bf16"):
+                spec = args.hf_spec if method == "hf-batched" else with_option(args.hf_spec, "dtype=bf16")
+                runners[method], engine = hf_batched(labels, spec)
+                tokenizer = getattr(engine, "tokenizer", tokenizer)
             elif method == "hf-naive":
                 runners[method] = hf_naive()
             elif method == "llamacpp-native":
@@ -254,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                 verdicts = runners[method](prompts)
                 elapsed = time.perf_counter() - start
                 results[method].seconds.append(elapsed)
-                results[method].verdicts = verdicts
+                results[method].probs = verdicts
                 print(f"# run {run + 1}/{args.runs} {method}: {len(prompts) / elapsed:.2f} judgments/s",
                       file=sys.stderr, flush=True)
     finally:
@@ -263,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
         if native is not None:
             native.stop()
 
+    if tokenizer is None and not custom:
+        tokenizer = load_tokenizer(plain_checkpoint())
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+               for p in prompts] if tokenizer is not None else [0]
     medians = {m: statistics.median(r.rates(len(prompts))) for m, r in results.items()}
     reference = medians.get("llamacpp-cache")
     command = "python benchmarks/judge_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -271,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_average()} at end")
     print(f"- software: Python {platform.python_version()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, xllamacpp {_version('xllamacpp')}")
-    print(f"- workload: {len(prompts)} pairwise prompts (helpfulness rubric, one order), {DEFAULT_MODEL_NAME}; "
+    model = f"{args.hf_spec} / {args.gguf}" if custom else DEFAULT_MODEL_NAME
+    orders = f"{args.pairs} pairs x both orders" if args.both_orders else "one order"
+    print(f"- workload: {len(prompts)} pairwise prompts (helpfulness rubric, {orders}), {model}; "
           f"prompt tokens mean {np.mean(lengths):.0f}, min {min(lengths)}, max {max(lengths)}\n")
     print("| method | judgments/s (median) | min | max | runs | × llama.cpp (prompt cache) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -279,17 +315,36 @@ def main(argv: list[str] | None = None) -> None:
         rates = result.rates(len(prompts))
         ratio = f"{medians[method] / reference:.2f}×" if reference else "n/a"
         print(f"| {method} | {medians[method]:.2f} | {min(rates):.2f} | {max(rates):.2f} | {len(rates)} | {ratio} |")
-    if "hf-batched" in results:
-        ours = results["hf-batched"].verdicts
+    ours_name = next((m for m in ("hf-batched", "hf-batched-bf16") if m in results), None)
+    if ours_name is not None:
+        ours = results[ours_name]
         for method, result in results.items():
-            if method != "hf-batched":
-                same = sum(a == b for a, b in zip(ours, result.verdicts))
-                print(f"\nVerdict agreement hf-batched vs {method}: {same}/{len(ours)}", end="")
+            if method == ours_name:
+                continue
+            same = sum(a == b for a, b in zip(ours.verdicts, result.verdicts))
+            print(f"\nVerdict agreement {ours_name} vs {method}: {same}/{len(ours.probs)} prompts", end="")
+            if args.both_orders:
+                mine, theirs = pair_preferences(ours.probs), pair_preferences(result.probs)
+                agree = sum(a[0] == b[0] for a, b in zip(mine, theirs))
+                gaps = [abs(a[1] - b[1]) for a, b in zip(mine, theirs)]
+                print(f"; debiased pair verdicts (A/B/tie, tie margin 0.05) {agree}/{len(mine)} pairs, "
+                      f"|P_ours - P_{method}| mean {np.mean(gaps):.3f}, max {max(gaps):.3f}", end="")
         print()
     if args.json:
         args.json.write_text(json.dumps({"command": command, "machine": machine_line(args.threads),
                                          "lengths": lengths,
                                          "results": {m: r.seconds for m, r in results.items()}}, indent=1))
+
+
+def pair_preferences(probs: list[float], tie_margin: float = 0.05) -> list[tuple[str, float]]:
+    """Per pair (prompts 2i = (A, B), 2i+1 = (B, A)): the debiased P(A) = mean of both orders and its
+    verdict as `PairwiseJudge` gives it (tie unless both orders agree and |P - 0.5| >= tie_margin)."""
+    out = []
+    for ab, ba in zip(probs[0::2], probs[1::2]):
+        p = (ab + (1.0 - ba)) / 2
+        consistent = (ab > 0.5) == ((1.0 - ba) > 0.5)
+        out.append(("tie" if not consistent or abs(p - 0.5) < tie_margin else "A" if p > 0.5 else "B", p))
+    return out
 
 
 def _version(package: str) -> str:

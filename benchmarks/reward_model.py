@@ -13,12 +13,17 @@
    Tokens per CPU-second (process CPU time, all threads) are printed next to wall-clock
    tokens/s: on a shared machine they are far less sensitive to other processes.
 2. Scoring throughput in pairs/s on the same pairs: the RM (two sequences per pair, and one
-   shared-prefix row per pair) vs `PairwiseJudge(build_engine("default"))` (both orders,
-   no cache; logprob mode, and CoT mode on `--cot-pairs` pairs).
+   shared-prefix row per pair) vs `PairwiseJudge(build_engine(--judge-engine))` (both orders,
+   no cache; logprob mode, and CoT mode on `--cot-pairs` pairs). The RLAIF setting is a big
+   judge distilled into a small RM: `--judge-engine` names the judge (default: the embedded
+   135M model, the same size as the RM).
 
 Run (about 10 minutes on 2 cores):
 
     python benchmarks/reward_model.py --threads 2 --pairs 32 --ablation --json /tmp/reward_model.json
+    # the 135M RM against the 1.5B capable judge, scoring only:
+    python benchmarks/reward_model.py --skip-training --cot-pairs 0 --score-pairs 64 \
+        --judge-engine 'hf:<capable-judge>.gguf?dtype=bf16'
 
 Each measurement runs in its own process (same starting state; a trainer's several GB are freed
 before the next one starts).
@@ -161,7 +166,7 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
         from rlaif.judge.judges import PairwiseJudge
         from rlaif.judge.types import PairwiseItem
 
-        judge = PairwiseJudge(build_engine("default"), "helpfulness", cache=None)
+        judge = PairwiseJudge(build_engine(args.judge_engine), "helpfulness", cache=None)
         items = [PairwiseItem(prompt=e.prompt, response_a=e.chosen, response_b=e.rejected) for e in examples]
         judge.judge(items[:2])  # warm-up (also fills the shared-prefix KV cache, as in steady-state serving)
         with Clock() as judged:
@@ -224,6 +229,9 @@ def main() -> None:
     parser.add_argument("--trl-defaults", action="store_true", help="Also time TRL with gradient checkpointing on (its default).")
     parser.add_argument("--skip-scoring", action="store_true")
     parser.add_argument("--skip-judge", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="Only the scoring comparison.")
+    parser.add_argument("--judge-engine", default="default", help="Engine spec of the LLM judge the RM is compared "
+                        "with (default: the embedded model; e.g. the capable judge as hf:<file>.gguf?dtype=bf16).")
     parser.add_argument("--cot-pairs", type=int, default=4, help="Pairs for the CoT-judge row (0 = skip).")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="Write the results here as JSON.")
@@ -242,8 +250,8 @@ def main() -> None:
     if "--json" in argv:
         i = argv.index("--json")
         del argv[i:i + 2]
-    names = ["ours"] + (["ours-flat"] if args.ablation else []) + ([] if args.skip_trl else ["trl"]) \
-        + (["trl-defaults"] if args.trl_defaults and not args.skip_trl else [])
+    names = [] if args.skip_training else ["ours"] + (["ours-flat"] if args.ablation else []) \
+        + ([] if args.skip_trl else ["trl"]) + (["trl-defaults"] if args.trl_defaults and not args.skip_trl else [])
     results: dict[str, Any] = {"data": str(args.data), "pairs": min(args.pairs, len(examples)), "batch_size": args.batch_size,
                                "threads": args.threads, "torch": torch.__version__,
                                "machine": platform.processor() or platform.machine(), "training": {}}
@@ -273,7 +281,8 @@ def main() -> None:
         labels = {"rm": "RM, 2 sequences per pair", "rm_shared_prefix": "RM, one shared-prefix row per pair",
                   "judge": "LLM pairwise judge, logprob (both orders)",
                   "cot_judge": f"LLM pairwise judge, CoT ({s.get('cot_pairs')} pairs)"}
-        print(f"\nScoring {s['pairs']} pairs\n| scorer | pairs/s | pairs per CPU-second |\n|---|---|---|")
+        print(f"\nScoring {s['pairs']} pairs, judge engine {args.judge_engine}\n| scorer | pairs/s | pairs per CPU-second |\n"
+              "|---|---|---|")
         for key, label in labels.items():
             if key in s:
                 print(f"| {label} | {s[key]['pairs_per_second']:.3f} | {s[key]['pairs_per_cpu_second']:.3f} |")
