@@ -54,6 +54,24 @@ class ConfigError(ValueError):
     """A config file could not be read or does not validate; the message says how to fix it."""
 
 
+def read_yaml_mapping(path: str | Path, *, shape: str = "field: value") -> dict[str, Any]:
+    """A YAML config file's top-level mapping; a missing file, bad YAML or a non-mapping is a one-line `ConfigError`.
+
+    Shared by every YAML config (`rlaif ppo --config`, `rlaif loop --config`) so they fail alike."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {shape}, got {type(data).__name__}")
+    return data
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -440,17 +458,7 @@ class PPOConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PPOConfig:
         """Load a config from a YAML mapping; `overrides` (e.g. CLI flags, flat keys) win over the file."""
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of section: {{field: value}}, got {type(data).__name__}")
+        data = read_yaml_mapping(path, shape="section: {field: value}")
         nested, moved = nest(data, str(path))
         if moved:
             where = ", ".join(f"{k} -> {FLAT_KEYS[k][0]}.{FLAT_KEYS[k][1]}" for k in moved)

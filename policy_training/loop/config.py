@@ -296,17 +296,9 @@ class LoopConfig(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> LoopConfig:
         """Load a YAML file; `overrides` (e.g. `out` from `--out`) win. Errors: `ValueError`, one line."""
-        import yaml
+        from rlaif.policy_training.config import read_yaml_mapping
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.validated(data, source=str(path))
 
