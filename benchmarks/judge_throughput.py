@@ -338,12 +338,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def pair_preferences(probs: list[float], tie_margin: float = 0.05) -> list[tuple[str, float]]:
     """Per pair (prompts 2i = (A, B), 2i+1 = (B, A)): the debiased P(A) = mean of both orders and its
-    verdict as `PairwiseJudge` gives it (tie unless both orders agree and |P - 0.5| >= tie_margin)."""
+    verdict by `PairwiseJudge`'s own rule (`order_verdict`)."""
+    from rlaif.judge.types import order_verdict
+
     out = []
     for ab, ba in zip(probs[0::2], probs[1::2]):
         p = (ab + (1.0 - ba)) / 2
-        consistent = (ab > 0.5) == ((1.0 - ba) > 0.5)
-        out.append(("tie" if not consistent or abs(p - 0.5) < tie_margin else "A" if p > 0.5 else "B", p))
+        out.append((order_verdict(ab, 1.0 - ba, p, tie_margin)[1].value, p))
     return out
 
 

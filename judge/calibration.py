@@ -53,7 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlaif.judge.metrics import accuracy, expected_calibration_error, fit_logistic, wilson_interval
-from rlaif.judge.types import OrderJudgment, PairwiseJudgment, Preference
+from rlaif.judge.types import OrderJudgment, PairwiseJudgment, order_verdict
 
 CALIBRATION_FORMAT = "rlaif-calibration-v1"
 MIN_PAIRS = 20
@@ -196,11 +196,7 @@ def verdict(raw: PairwiseJudgment, prob_a: float, prob_first_ab: float, prob_fir
             *, calibration: str) -> PairwiseJudgment:
     """`raw` with new probabilities: consistency, TIE rule and margin recomputed as the judge does."""
     prob_a_ab, prob_a_ba = prob_first_ab, 1.0 - prob_first_ba
-    consistent = (prob_a_ab > 0.5) == (prob_a_ba > 0.5)
-    if not consistent or abs(prob_a - 0.5) < tie_margin:
-        preference = Preference.TIE
-    else:
-        preference = Preference.A if prob_a > 0.5 else Preference.B
+    consistent, preference = order_verdict(prob_a_ab, prob_a_ba, prob_a, tie_margin)
     raw_ab, raw_ba = raw.per_order
     per_order = [
         OrderJudgment(order="ab", prob_first=prob_first_ab, prob_a=prob_a_ab, label_mass=raw_ab.label_mass,

@@ -32,8 +32,8 @@ from rlaif.judge.cache import JudgmentCache, cache_key
 from rlaif.judge.calibration import Calibration
 from rlaif.judge.engines.base import LABEL_SEMANTICS, Engine, GenerationParams, label_distribution
 from rlaif.judge.rubric import Rubric, RubricError, load_rubric
-from rlaif.judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, Preference, ScoreItem,
-                         ScoreJudgment, Timings)
+from rlaif.judge.types import (ChatPrompt, OrderJudgment, PairwiseItem, PairwiseJudgment, ScoreItem,
+                         ScoreJudgment, Timings, order_verdict)
 
 Mode = Literal["logprob", "cot"]
 ItemT = TypeVar("ItemT", PairwiseItem, ScoreItem)
@@ -265,11 +265,7 @@ class PairwiseJudge(_BatchJudge[PairwiseItem, PairwiseJudgment]):
         prob_a_ab = float(prob_first[0])
         prob_a_ba = 1.0 - float(prob_first[1])  # in order "ba", response_a is shown second
         prob_a = (prob_a_ab + prob_a_ba) / 2.0
-        consistent = (prob_a_ab > 0.5) == (prob_a_ba > 0.5)
-        if not consistent or abs(prob_a - 0.5) < self.tie_margin:
-            preference = Preference.TIE
-        else:
-            preference = Preference.A if prob_a > 0.5 else Preference.B
+        consistent, preference = order_verdict(prob_a_ab, prob_a_ba, prob_a, self.tie_margin)
         used = [p for p in principles if p is not None]
         return PairwiseJudgment(
             prob_a=prob_a, preference=preference, consistent=consistent, margin=abs(prob_a - 0.5) * 2.0,

@@ -42,6 +42,18 @@ class Preference(str, enum.Enum):
     TIE = "TIE"
 
 
+def order_verdict(prob_a_ab: float, prob_a_ba: float, prob_a: float, tie_margin: float) -> tuple[bool, Preference]:
+    """(consistent, preference) of a pair judged in both orders: the one TIE rule every verdict uses.
+
+    `prob_a_ab` / `prob_a_ba` are P(response_a better) from each presentation order, `prob_a` the
+    debiased (or calibrated) probability. Consistent = both orders prefer the same response; the
+    preference is TIE when they disagree or `prob_a` is within `tie_margin` of 0.5."""
+    consistent = (prob_a_ab > 0.5) == (prob_a_ba > 0.5)
+    if not consistent or abs(prob_a - 0.5) < tie_margin:
+        return consistent, Preference.TIE
+    return consistent, Preference.A if prob_a > 0.5 else Preference.B
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -27,7 +27,6 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rlaif.judge.labeling.backends import JudgeBackend, Models
@@ -125,13 +124,12 @@ def _score_stage(store: ProgressStore, judge: JudgeBackend, config: LabelConfig,
             checklist_items = [ChecklistItem(prompt=source.prompts[i].text, response=responses[i][s],
                                              criteria=source.criteria_of(i), reference=source.reference(i))
                                for i, s in keys]
-            checked: list[ChecklistJudgment] = judge_in_chunks(judge.checklist, checklist_items, counters)
-            judgments: Sequence[ScoreJudgment | ChecklistJudgment] = checked
+            judgments: list[ChecklistJudgment] | list[ScoreJudgment] = judge_in_chunks(judge.checklist,
+                                                                                         checklist_items, counters)
         else:
             items = [ScoreItem(prompt=source.prompts[i].text, response=responses[i][s], reference=source.reference(i))
                      for i, s in keys]
-            scored: list[ScoreJudgment] = judge_in_chunks(judge.score, items, counters)
-            judgments = scored
+            judgments = judge_in_chunks(judge.score, items, counters)
         seconds = time.perf_counter() - started
         fresh = sum(not j.cached for j in judgments)
         store.save_records(batch, "scores", [json.dumps({"prompt": i, "sample": s, "judgment": j.model_dump(mode="json")})
