@@ -5,13 +5,12 @@ read (PPOTrainer steps 1 and 3):
 
 - `generate(prompts)`: left-padded prompts, `model.generate` with every decoding knob set
   explicitly (the model's own generation_config must not alter the distribution we compute
-  log-probs of), responses right-padded and masked after the first EOS. The policy's
-  log-probs and entropies of the sampled tokens come from the logits generation computed
-  anyway (as TRL's PPOTrainer does), so the policy needs no extra forward pass per step;
-- `stats(rollout)`: one no-grad forward pass of the frozen reference and (ppo) the critic
-  over prompt + response, in chunks of `forward_batch_size`, with explicit attention masks
-  and position ids; the policy's own pass only for rollouts that did not come from
-  `generate` (e.g. fixed test rollouts);
+  log-probs of), responses right-padded and masked after the first EOS;
+- `stats(rollout)`: one no-grad forward pass each of the policy, the frozen reference and
+  (ppo) the critic over prompt + response, in chunks of `forward_batch_size`, with explicit
+  attention masks and position ids. The policy's log-probs are *not* read from generation's
+  incremental logits: a full pass like the reference's makes the KL of an unchanged policy
+  exactly 0 (generation's KV-cache logits differ from a full pass by float noise);
 - `policy_forward(...)`: temperature-scaled logits at response positions only
   (`logits_to_keep`), plus the shared critic's values from the same pass; the update's
   forward pass with gradients;
@@ -32,10 +31,6 @@ from rlaif.policy_training.models import PolicyModels
 from rlaif.policy_training.ppo_math import entropy_from_logits, logprobs_from_logits
 from torch import Tensor, nn
 
-GENERATION_LOGITS_BYTES = 1 << 30
-"""Generation keeps every step's logits for the policy's log-probs up to this size (1 GiB in fp32)."""
-
-
 @dataclass
 class Rollout:
     """One batch of sampled responses, N = batch_size * group_size."""
@@ -47,8 +42,6 @@ class Rollout:
     response_ids: Tensor  # (N, R) right-padded response tokens
     response_mask: Tensor  # (N, R) bool, True up to and including the first EOS
     has_eos: Tensor  # (N,) bool
-    logprobs: Tensor | None = None  # (N, R) the sampling policy's log-probs of the tokens, when generation kept them
-    entropy: Tensor | None = None  # (N, R) the sampling distribution's entropy at each position, likewise
 
     @property
     def lengths(self) -> Tensor:
@@ -106,14 +99,6 @@ class RolloutCollector:
 
     # --------------------------------------------------------------- generation
 
-    def _keep_generation_logits(self) -> bool:
-        """Keep each generation step's logits (N x R x V floats) when they fit `GENERATION_LOGITS_BYTES`;
-        larger batches recompute the policy's log-probs in a chunked forward pass instead."""
-        policy = self.config.policy
-        n = self.config.ppo.batch_size * self.config.ppo.group_size
-        vocab = self.models.policy.get_output_embeddings().weight.shape[0]
-        return n * policy.max_new_tokens * vocab * 4 <= GENERATION_LOGITS_BYTES
-
     def generation_config(self, sample: bool) -> Any:
         """Every decoding knob set explicitly: the model's own generation_config (often top_k=50,
         repetition penalties) must not alter the distribution we compute log-probs of."""
@@ -125,16 +110,12 @@ class RolloutCollector:
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
         if sample:
             knobs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, typical_p=1.0)
-            if self._keep_generation_logits():
-                # The raw logits of each step: the sampled tokens' log-probs without a second forward pass.
-                knobs.update(output_logits=True, return_dict_in_generate=True)
         else:
             knobs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return GenerationConfig(**knobs)
 
     def run_generate(self, model: Any, query_ids: Tensor, query_mask: Tensor, gen_config: Any) -> Any:
-        """`model.generate` with `gen_config` as the model's own config for the call: (N, P + R) ids, or
-        a generate output with `.sequences` and `.logits` when `gen_config` asks for them."""
+        """`model.generate` with `gen_config` as the model's own config for the call: (N, P + R) ids."""
         generator_model = model.get_base_model() if self.config.policy.lora_r is not None else model
         saved_config = generator_model.generation_config
         generator_model.generation_config = gen_config
@@ -149,12 +130,10 @@ class RolloutCollector:
         query_ids, query_mask = self.encode_batch(prompts)
         P = query_ids.shape[1]
         pad = self.tokenizer.pad_token_id
-        out = self.run_generate(self.models.policy, query_ids, query_mask, self.generation_config(sample=True))
-        sequences, step_logits = (out.sequences, out.logits) if hasattr(out, "sequences") else (out, None)
+        sequences = self.run_generate(self.models.policy, query_ids, query_mask, self.generation_config(sample=True))
         response_ids = sequences[:, P:]  # (N, R)
         if response_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keeps shapes honest
             response_ids = torch.full((len(prompts), 1), self.eos_ids[0], dtype=torch.long, device=self.device)
-            step_logits = None
 
         is_eos = torch.isin(response_ids, torch.tensor(self.eos_ids, device=self.device))  # (N, R)
         has_eos = is_eos.any(dim=1)  # (N,)
@@ -165,18 +144,8 @@ class RolloutCollector:
         # Generation pads finished rows with the pad id; normalize anyway so nothing after EOS leaks.
         response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, pad))
 
-        logprobs = entropy = None
-        if step_logits is not None and len(step_logits) == R:
-            # Log-probs must describe the distribution the tokens were sampled from: logits / temperature.
-            temperature = self.config.policy.temperature
-            per_step = [(logits.float() / temperature)[:, None] for logits in step_logits]  # R x (N, 1, V)
-            logprobs = torch.cat([logprobs_from_logits(z, response_ids[:, t:t + 1])
-                                  for t, z in enumerate(per_step)], dim=1)  # (N, R)
-            entropy = torch.cat([entropy_from_logits(z) for z in per_step], dim=1)  # (N, R)
-            del per_step
         texts = self.decode(response_ids, response_mask)
-        return Rollout(list(prompts), texts, query_ids, query_mask, response_ids, response_mask, has_eos,
-                       logprobs, entropy)
+        return Rollout(list(prompts), texts, query_ids, query_mask, response_ids, response_mask, has_eos)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         texts = []
@@ -250,19 +219,19 @@ class RolloutCollector:
         """Log-probs of policy and reference, token entropy and values (N, R) each, in chunks."""
         m = self.models
         N = len(rollout.prompts)
-        # The policy's pass is needed for its log-probs unless generation kept them, and for the
-        # shared critic's values (which live on the policy's hidden states) in any case.
-        need_policy = rollout.logprobs is None or rollout.entropy is None or m.value_head is not None
+        # The policy's log-probs come from a full forward pass, the same kind of pass as the reference's,
+        # never from generation's incremental (KV-cache) logits: those differ from a full pass by float
+        # noise (~1e-6 per token), enough to make the KL of an unchanged policy nonzero. One pass also
+        # gives the shared critic's values (which live on the policy's hidden states).
         parts: dict[str, list[Tensor]] = defaultdict(list)
         for idx in torch.arange(N, device=self.device).split(self.config.distributed.forward_batch_size):
             tokens = rollout.response_ids[idx]
-            if need_policy:
-                logits, shared_values = self.policy_forward(m.policy, rollout, idx, m.value_head is not None)
-                if shared_values is not None:
-                    parts["values"].append(shared_values)
-                parts["logprobs"].append(logprobs_from_logits(logits, tokens))
-                parts["entropy"].append(entropy_from_logits(logits))
-                del logits
+            logits, shared_values = self.policy_forward(m.policy, rollout, idx, m.value_head is not None)
+            if shared_values is not None:
+                parts["values"].append(shared_values)
+            parts["logprobs"].append(logprobs_from_logits(logits, tokens))
+            parts["entropy"].append(entropy_from_logits(logits))
+            del logits
             if m.ref_model is None:
                 with m.policy.disable_adapter():
                     ref_logits = self.policy_logits(m.policy, rollout, idx)
@@ -272,8 +241,4 @@ class RolloutCollector:
             del ref_logits
             if m.value_model is not None:
                 parts["values"].append(self.values(rollout, idx))
-        stats = {k: torch.cat(v) for k, v in parts.items()}
-        if not need_policy:
-            assert rollout.logprobs is not None and rollout.entropy is not None
-            stats["logprobs"], stats["entropy"] = rollout.logprobs, rollout.entropy
-        return stats
+        return {k: torch.cat(v) for k, v in parts.items()}
