@@ -17,6 +17,8 @@ rule; `tie_margin` from the judge). Reported:
   probabilities against the token-length difference (AlpacaEval-style: the win rate the
   fit predicts at equal length), with its slope (> 0: longer answers win more);
 - mean response lengths of both models (tokens, with the base tokenizer, and characters).
+- with a calibrated judge (`rlaif calibrate`), `uncalibrated`: the soft numbers of the same judgments
+  read without the calibration (each sample also keeps `raw_prob_policy_better`).
 
     rlaif winrate --base default --policy runs/ppo --prompts heldout.jsonl --limit 100 --out runs/winrate
 
@@ -182,7 +184,7 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
     soft_half = 1.96 * float(np.std(probs, ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
     diffs = np.asarray(policy_lengths, dtype=float) - np.asarray(base_lengths, dtype=float)  # (n,)
     lc = length_controlled_win_rate(probs, diffs)
-    return {
+    summary: dict[str, Any] = {
         "n": n,
         "win_rate": sum(outcomes) / n,
         "win_rate_ci95": [low, high],
@@ -199,6 +201,29 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
         "mean_length_chars": {"policy": float(np.mean([len(t) for t in policy_texts])),
                               "base": float(np.mean([len(t) for t in base_texts]))},
     }
+    if any(j.calibration is not None for j in judgments):
+        summary["uncalibrated"] = _uncalibrated(judgments, diffs)
+    return summary
+
+
+def _uncalibrated(judgments: Sequence[PairwiseJudgment], length_diffs: Any) -> dict[str, Any]:
+    """The soft numbers of the judge's own (uncalibrated) probabilities, for judgments made with a calibration.
+
+    A calibration changes what a verdict means (position bias removed, temperature applied), so a win
+    rate judged with one is reported beside the same judgments read without it: two readings of one
+    set of model calls, not a second judging."""
+    import numpy as np
+    from rlaif.judge.metrics import length_controlled_win_rate
+
+    probs = [j.raw_prob_a if j.raw_prob_a is not None else j.prob_a for j in judgments]
+    consistent = [j.raw_consistent if j.raw_consistent is not None else j.consistent for j in judgments]
+    n = len(probs)
+    mean = sum(probs) / n
+    half = 1.96 * float(np.std(probs, ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    return {"mean_prob_policy_better": mean,
+            "mean_prob_policy_better_ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+            "consistent_frac": sum(consistent) / n,
+            "length_controlled_win_rate": length_controlled_win_rate(probs, length_diffs).win_rate}
 
 
 def run_winrate(settings: WinRateSettings, *, judge: PairwiseJudge | None = None, progress: bool = False) -> dict[str, Any]:
@@ -251,6 +276,8 @@ def run_winrate(settings: WinRateSettings, *, judge: PairwiseJudge | None = None
                     "id": r.id, "prompt": r.text, "policy_response": p, "base_response": b,
                     "prob_policy_better": j.prob_a, "prob_by_order": {o.order: o.prob_a for o in j.per_order},
                     "winner": winner, "consistent": j.consistent, "policy_tokens": lp, "base_tokens": lb,
+                    **({"calibration": j.calibration, "raw_prob_policy_better": j.raw_prob_a,
+                        "raw_consistent": j.raw_consistent} if j.calibration is not None else {}),
                 }, ensure_ascii=False) + "\n")
         summary["samples"] = str(out / SAMPLES_FILE)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

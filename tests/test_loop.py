@@ -167,6 +167,22 @@ def test_rm_agreement_counts_only_decided_pairs():
     assert rm_agreement(probs, policy, base) == (2, 3)
 
 
+def test_report_reads_a_calibrated_judge_both_ways(tmp_path):
+    """A calibrated judge's win rate is reported with the same judgments read without the calibration."""
+    from rlaif.policy_training.loop.report import write_report
+
+    context = {"judge": "hf:x", "rubric": "helpfulness", "policy": "default", "reward_source": "rm",
+               "max_kl": 10.0, "min_agreement": 0.6, "calibration": "calib.json"}
+    plain = measurements()
+    calibrated = measurements(round=2, uncalibrated_soft_win_rate=0.512, uncalibrated_soft_win_rate_ci95=[0.5, 0.524])
+    write_report(tmp_path, [(plain, []), (calibrated, [])], context, None)
+    text = (tmp_path / "report.md").read_text()
+    assert "calibrated (`calib.json`)" in text and "0.512 [0.500, 0.524] (round 2)" in text
+    assert "(round 1)" not in text  # round 1 had no calibration: nothing to read twice
+    write_report(tmp_path, [(plain, [])], {**context, "calibration": None}, None)
+    assert "The judge is calibrated" not in (tmp_path / "report.md").read_text()
+
+
 # ---------------------------------------------------------------------------------- end to end
 def stage_markers(run: Path) -> list[tuple[int, str]]:
     return [(r, s) for r in (1, 2) for s in STAGES if (run / f"round-{r}" / f"{s}.done").is_file()]

@@ -44,6 +44,22 @@ def test_summary_counts_ties_as_half_and_reports_lengths():
         summarize([], [], [], [], [])
 
 
+def test_calibrated_summary_also_reads_the_judges_own_probabilities():
+    """With a calibration, the same judgments are summarized twice: calibrated (the headline) and raw."""
+    raw = [judgment(0.52, Preference.TIE, consistent=False), judgment(0.49, Preference.TIE, consistent=False),
+           judgment(0.55, Preference.A)]
+    calibrated = [j.model_copy(update={"prob_a": p, "preference": pref, "consistent": True, "calibration": "c1",
+                                       "raw_prob_a": j.prob_a, "raw_consistent": j.consistent})
+                  for j, p, pref in zip(raw, (0.8, 0.3, 0.95), (Preference.A, Preference.B, Preference.A))]
+    summary = summarize(calibrated, [10, 10, 10], [10, 10, 10], ["x"] * 3, ["y"] * 3)
+    assert summary["mean_prob_policy_better"] == pytest.approx((0.8 + 0.3 + 0.95) / 3)
+    assert summary["consistent_frac"] == 1.0
+    raw_summary = summary["uncalibrated"]
+    assert raw_summary["mean_prob_policy_better"] == pytest.approx((0.52 + 0.49 + 0.55) / 3)
+    assert raw_summary["consistent_frac"] == pytest.approx(1 / 3)
+    assert "uncalibrated" not in summarize(raw, [10, 10, 10], [10, 10, 10], ["x"] * 3, ["y"] * 3)
+
+
 def test_policy_spec_resolution(tmp_path):
     run = tmp_path / "run"
     for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 is half-written: never picked

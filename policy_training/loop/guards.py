@@ -51,6 +51,9 @@ class Measurements(BaseModel):
     label_rows: int
     label_position_consistency: float | None
     label_tie_frac: float | None
+    uncalibrated_soft_win_rate: float | None = None
+    """With `judge.calibration`: the soft win rate of the same judgments read without it."""
+    uncalibrated_soft_win_rate_ci95: list[float] | None = None
 
 
 class GuardResult(BaseModel):

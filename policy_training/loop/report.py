@@ -43,6 +43,12 @@ def write_report(root: Path, rounds: list[tuple[Measurements, list[GuardResult]]
             f"{_f(m.soft_win_rate)}{_ci(m.soft_win_rate_ci95)} | {_f(m.lc_win_rate)} | {m.ties} | {_f(m.kl, 2)} | "
             f"{_f(m.rm_agreement)} (n={m.rm_agreement_pairs}) | {_f(m.rm_heldout_agreement)} | "
             f"{m.mean_length_policy:.1f} / {m.mean_length_base:.1f} | {m.label_rows} |")
+    calibrated = [m for m, _ in rounds if m.uncalibrated_soft_win_rate is not None]
+    if calibrated:
+        lines += ["", f"The judge is calibrated (`{config.get('calibration')}`): the table reads its calibrated "
+                  "verdicts. The same judgments without the calibration give soft win rates of "
+                  + ", ".join(f"{_f(m.uncalibrated_soft_win_rate)}{_ci(m.uncalibrated_soft_win_rate_ci95)} "
+                              f"(round {m.round})" for m in calibrated) + "."]
     lines += ["", "## Guards", "", "| round | guard | value | limit | action | fired |", "|---:|---|---:|---|---|---|"]
     for m, results in rounds:
         for g in results:

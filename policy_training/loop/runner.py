@@ -130,6 +130,7 @@ def _write_rounds(layout: RunLayout, rounds: list[tuple[Measurements, list[Guard
 def _report_context(config: LoopConfig) -> dict[str, Any]:
     return {"judge": config.judge.url or config.judge.engine_spec, "rubric": config.judge.rubric,
             "policy": config.policy.model, "reward_source": config.reward.source,
+            "calibration": str(config.judge.calibration) if config.judge.calibration else None,
             "max_kl": config.guards.kl.max_kl, "min_agreement": config.guards.rm_agreement.min_agreement}
 
 

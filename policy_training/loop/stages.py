@@ -345,7 +345,9 @@ def eval_stage(ctx: LoopContext, r: int) -> dict[str, Any]:
         rm_agreement_ci95=list(wilson_interval(agree, decided)) if decided else None,
         rm_heldout_agreement=rm["heldout_agreement"], mean_length_policy=summary["mean_length_tokens"]["policy"],
         mean_length_base=summary["mean_length_tokens"]["base"], label_rows=label["rows"],
-        label_position_consistency=label["position_consistency"], label_tie_frac=label["tie_frac"])
+        label_position_consistency=label["position_consistency"], label_tie_frac=label["tie_frac"],
+        uncalibrated_soft_win_rate=(summary.get("uncalibrated") or {}).get("mean_prob_policy_better"),
+        uncalibrated_soft_win_rate_ci95=(summary.get("uncalibrated") or {}).get("mean_prob_policy_better_ci95"))
     return {"summary": str(out / "summary.json"), "measurements": measurements.model_dump(mode="json")}
 
 
