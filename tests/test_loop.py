@@ -129,6 +129,18 @@ def test_missing_config_file_is_one_line(tmp_path):
     assert_one_line_error(proc, "nope.yaml does not exist")
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in DEMO.glob("*.yaml")))
+def test_the_example_configs_validate(name, monkeypatch, tmp_path):
+    """Every config the docs tell users to run is a valid LoopConfig (files it names included)."""
+    from rlaif.policy_training.loop.config import LoopConfig
+
+    monkeypatch.setenv("RLAIF_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    config = LoopConfig.from_yaml(DEMO / name)
+    if config.judge.calibration is not None:
+        assert Path(config.judge.calibration).is_file()
+
+
 # ---------------------------------------------------------------------------------- guards
 def measurements(**changes) -> Measurements:
     values = dict(round=1, n_heldout=64, win_rate=0.55, win_rate_ci95=[0.45, 0.65], soft_win_rate=0.58,
