@@ -179,9 +179,7 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
     outcomes = [OUTCOME[j.preference] for j in judgments]
     probs = [j.prob_a for j in judgments]
     low, high = wilson_interval(sum(outcomes), n)
-    # The soft win rate's interval: normal approximation of the mean (a capable judge's hard verdicts are
-    # mostly ties, so the soft mean is where its signal is; see docs/loop.md).
-    soft_half = 1.96 * float(np.std(probs, ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    soft, soft_ci = _soft_win_rate(probs)
     diffs = np.asarray(policy_lengths, dtype=float) - np.asarray(base_lengths, dtype=float)  # (n,)
     lc = length_controlled_win_rate(probs, diffs)
     summary: dict[str, Any] = {
@@ -191,8 +189,8 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
         "wins": sum(j.preference is Preference.A for j in judgments),
         "losses": sum(j.preference is Preference.B for j in judgments),
         "ties": sum(j.preference is Preference.TIE for j in judgments),
-        "mean_prob_policy_better": sum(probs) / n,
-        "mean_prob_policy_better_ci95": [max(0.0, sum(probs) / n - soft_half), min(1.0, sum(probs) / n + soft_half)],
+        "mean_prob_policy_better": soft,
+        "mean_prob_policy_better_ci95": soft_ci,
         "consistent_frac": sum(j.consistent for j in judgments) / n,
         "length_controlled_win_rate": lc.win_rate,
         "length_slope": lc.slope,
@@ -206,23 +204,31 @@ def summarize(judgments: Sequence[PairwiseJudgment], policy_lengths: Sequence[in
     return summary
 
 
+def _soft_win_rate(probs: Sequence[float]) -> tuple[float, list[float]]:
+    """Mean P(policy better) with a 95% normal-approximation interval, clipped to [0, 1]. A capable judge's
+    hard verdicts are mostly ties, so this soft mean is where its signal is (docs/loop.md)."""
+    import numpy as np
+
+    n = len(probs)
+    mean = sum(probs) / n
+    half = 1.96 * float(np.std(probs, ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+
+
 def _uncalibrated(judgments: Sequence[PairwiseJudgment], length_diffs: Any) -> dict[str, Any]:
     """The soft numbers of the judge's own (uncalibrated) probabilities, for judgments made with a calibration.
 
     A calibration changes what a verdict means (position bias removed, temperature applied), so a win
     rate judged with one is reported beside the same judgments read without it: two readings of one
     set of model calls, not a second judging."""
-    import numpy as np
     from rlaif.judge.metrics import length_controlled_win_rate
 
     probs = [j.raw_prob_a if j.raw_prob_a is not None else j.prob_a for j in judgments]
     consistent = [j.raw_consistent if j.raw_consistent is not None else j.consistent for j in judgments]
-    n = len(probs)
-    mean = sum(probs) / n
-    half = 1.96 * float(np.std(probs, ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
-    return {"mean_prob_policy_better": mean,
-            "mean_prob_policy_better_ci95": [max(0.0, mean - half), min(1.0, mean + half)],
-            "consistent_frac": sum(consistent) / n,
+    soft, soft_ci = _soft_win_rate(probs)
+    return {"mean_prob_policy_better": soft,
+            "mean_prob_policy_better_ci95": soft_ci,
+            "consistent_frac": sum(consistent) / len(probs),
             "length_controlled_win_rate": length_controlled_win_rate(probs, length_diffs).win_rate}
 
 

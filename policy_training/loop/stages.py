@@ -336,6 +336,7 @@ def eval_stage(ctx: LoopContext, r: int) -> dict[str, Any]:
     del scorer
     _release()
     agree, decided = rm_agreement([s["prob_policy_better"] for s in samples], policy_scores, base_scores)
+    uncalibrated = summary.get("uncalibrated", {})  # present with a calibrated judge
     measurements = Measurements(
         round=r, n_heldout=summary["n"], win_rate=summary["win_rate"], win_rate_ci95=summary["win_rate_ci95"],
         soft_win_rate=summary["mean_prob_policy_better"], soft_win_rate_ci95=summary["mean_prob_policy_better_ci95"],
@@ -346,8 +347,8 @@ def eval_stage(ctx: LoopContext, r: int) -> dict[str, Any]:
         rm_heldout_agreement=rm["heldout_agreement"], mean_length_policy=summary["mean_length_tokens"]["policy"],
         mean_length_base=summary["mean_length_tokens"]["base"], label_rows=label["rows"],
         label_position_consistency=label["position_consistency"], label_tie_frac=label["tie_frac"],
-        uncalibrated_soft_win_rate=(summary.get("uncalibrated") or {}).get("mean_prob_policy_better"),
-        uncalibrated_soft_win_rate_ci95=(summary.get("uncalibrated") or {}).get("mean_prob_policy_better_ci95"))
+        uncalibrated_soft_win_rate=uncalibrated.get("mean_prob_policy_better"),
+        uncalibrated_soft_win_rate_ci95=uncalibrated.get("mean_prob_policy_better_ci95"))
     return {"summary": str(out / "summary.json"), "measurements": measurements.model_dump(mode="json")}
 
 
