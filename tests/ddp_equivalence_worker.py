@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlaif.policy_training.config import PPOConfig  # noqa: E402
+from rlaif.policy_training.distributed import exit_after_group_teardown  # noqa: E402
 from rlaif.policy_training.ppo import PPOTrainer  # noqa: E402
 from rlaif.policy_training.rewards import FunctionReward  # noqa: E402
 from tests.tiny_policy import PROMPTS, distinct_words, record_step_gradients, use_fixed_rollouts  # noqa: E402
@@ -59,7 +60,9 @@ def main() -> None:
                for estimator in ESTIMATORS}
     if dist.get_rank() == 0:
         torch.save(results, Path(args.out) / "ddp_equivalence.pt")
+    dist.barrier()  # nobody tears the group down while a peer still uses it
     dist.destroy_process_group()
+    exit_after_group_teardown(0)  # torch/Gloo can abort during finalization after a clean destroy
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlaif.policy_training.config import PPOConfig  # noqa: E402
+from rlaif.policy_training.distributed import exit_after_group_teardown  # noqa: E402
 from rlaif.policy_training.ppo import PPOTrainer  # noqa: E402
 from rlaif.policy_training.rewards import FunctionReward  # noqa: E402
 from tests.tiny_policy import fraction_of_x  # noqa: E402
@@ -57,7 +58,9 @@ def main() -> None:
                                       "prompts": seen, "history": history})
     if dist.get_rank() == 0:
         (Path(args.out) / "ddp_report.json").write_text(json.dumps(gathered))
+    dist.barrier()  # nobody tears the group down while a peer still uses it
     dist.destroy_process_group()
+    exit_after_group_teardown(0)  # torch/Gloo can abort during finalization after a clean destroy
 
 
 if __name__ == "__main__":
