@@ -230,7 +230,8 @@ class PPOTrainer:
         return self.log.plot()
 
     def close(self) -> None:
-        """Leave the process group this trainer joined (distributed runs); a no-op otherwise."""
+        """Close the run's TensorBoard writer and leave the process group this trainer joined (if any)."""
+        self.log.close()
         self.dist.close()
 
     @staticmethod

@@ -119,6 +119,13 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.flush()
 
+    def close(self) -> None:
+        """Flush and close TensorBoard's event file (its writer thread must not be left to exit handlers:
+        distributed runs end with `os._exit`)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
 
 PLOT_PANELS = (
     ("reward", "reward (after normalize/clip, if on)"), ("reward_with_kl", "reward - beta*KL"), ("kl", "KL(policy || ref), nats"),
