@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import inspect
-import os
 import types
 import typing
 from pathlib import Path
@@ -99,9 +98,9 @@ def _build_ppo_command() -> Any:
                                          f"directory (no {RM_CONFIG_FILE} in it)")
         run_dir = run_ppo(config)
         typer.echo(f"done: metrics, plots and checkpoints in {run_dir}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the group is destroyed: see exit_after_group_teardown
-            from rlaif.policy_training.distributed import exit_after_group_teardown
+        from rlaif.policy_training.distributed import exit_after_group_teardown, launcher_world_size
 
+        if launcher_world_size() > 1:  # the group is destroyed by now: see exit_after_group_teardown
             exit_after_group_teardown(0)
 
     ppo.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
