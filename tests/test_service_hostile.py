@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -119,7 +120,11 @@ def test_a_disconnected_client_is_dropped_from_the_queue_and_never_judged():
 
 # ------------------------------------------------------------------------------ event loop
 def test_healthz_answers_fast_while_a_heavy_adversarial_request_is_processed():
-    """Three fields of "<" + spaces took ~6 s each in the old regex, holding the GIL: /healthz hung 105 s."""
+    """Three fields of "<" + spaces took ~6 s each in the old regex, holding the GIL: /healthz hung 105 s.
+
+    The bounds sit far from both sides: that bug stalls a probe for seconds (6 s per field), while a
+    healthy server on a 2-core CI machine answers in ~3 ms per probe, with one probe of one CI run at
+    0.68 s (a GIL hand-off to the request's worker thread, not a blocked loop)."""
     engine = DeterministicEngine(delay_s=1.5, context_length=None)  # in flight while /healthz is polled
     attack = "<" + " " * 31_999
     item = {"prompt": attack, "response_a": attack, "response_b": attack}
@@ -135,7 +140,8 @@ def test_healthz_answers_fast_while_a_heavy_adversarial_request_is_processed():
         heavy[0].join(120)
         assert heavy[1]["result"].status_code == 200, heavy[1]
     assert len(latencies) >= 5, "the heavy request finished before /healthz could be probed"
-    assert max(latencies) < 0.5, f"/healthz stalled: {max(latencies):.2f}s"
+    assert statistics.median(latencies) < 0.1, f"/healthz slow: median {statistics.median(latencies):.3f}s"
+    assert max(latencies) < 2.0, f"/healthz stalled: {max(latencies):.2f}s"
 
 
 # ------------------------------------------------------------------------------ auth and connections
