@@ -252,9 +252,10 @@ def _resolve_dtype(dtype: str, device: str):
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
-    warning = emulated_bf16_warning(device, is_bf16=resolved is torch.bfloat16, native=cpu_has_native_bf16())
-    if warning:
-        logger.warning(warning)
+    if resolved is torch.bfloat16 and device.startswith("cpu"):  # only then is /proc/cpuinfo worth reading
+        warning = emulated_bf16_warning(device, is_bf16=True, native=cpu_has_native_bf16())
+        if warning:
+            logger.warning(warning)
     return resolved
 
 

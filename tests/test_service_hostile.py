@@ -123,8 +123,8 @@ def test_healthz_answers_fast_while_a_heavy_adversarial_request_is_processed():
     """Three fields of "<" + spaces took ~6 s each in the old regex, holding the GIL: /healthz hung 105 s.
 
     The bounds sit far from both sides: that bug stalls a probe for seconds (6 s per field), while a
-    healthy server on a 2-core CI machine answers in ~3 ms per probe, with one probe of one CI run at
-    0.68 s (a GIL hand-off to the request's worker thread, not a blocked loop)."""
+    healthy server on a 2-core CI machine answers in ~3 ms per probe. One probe of one CI run took
+    0.68 s (the old max bound was 0.5 s); what held it was not traced."""
     engine = DeterministicEngine(delay_s=1.5, context_length=None)  # in flight while /healthz is polled
     attack = "<" + " " * 31_999
     item = {"prompt": attack, "response_a": attack, "response_b": attack}
