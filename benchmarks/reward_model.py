@@ -21,9 +21,14 @@
 Run (about 10 minutes on 2 cores):
 
     python benchmarks/reward_model.py --threads 2 --pairs 32 --ablation --json /tmp/reward_model.json
-    # the 135M RM against the 1.5B capable judge, scoring only:
+    # the 135M RM against the 1.5B capable judge, scoring only (use ?dtype=float32 on a CPU without
+    # AVX512-BF16/AMX); --data also takes a loop's eval_samples.jsonl (the held-out pairs it judged):
     python benchmarks/reward_model.py --skip-training --cot-pairs 0 --score-pairs 64 \
         --judge-engine 'hf:<capable-judge>.gguf?dtype=bf16'
+
+The RM rows use `RewardModel`'s default batching (on a CPU at most `CPU_SCORING_BATCH_TOKENS`
+padded tokens per forward); one more row times the shared-prefix layout in batches of 16 rows
+without that cap, the layout before it, for a before/after in the same run.
 
 Each measurement runs in its own process (same starting state; a trainer's several GB are freed
 before the next one starts).
@@ -52,9 +57,23 @@ DEFAULT_DATA = Path(__file__).parent / "data" / "hh_rlhf_harmless_base_test_firs
 
 
 def load_pairs(path: Path, n: int) -> list[Any]:
+    """Preference pairs from any `rlaif.judge.data` format, or unlabeled pairs: the pairs a win-rate
+    evaluation judged (`eval_samples.jsonl` of `rlaif winrate` / `rlaif loop`: policy vs base answer)
+    or `prompt`/`response1`/`response2` rows (`examples/distill_capable/`). Scoring cost does not
+    depend on which side is "chosen"."""
+    from types import SimpleNamespace
+
     from rlaif.judge.data import load_preferences
 
-    examples = load_preferences(path, limit=n)
+    first = path.open().readline() if path.suffix == ".jsonl" else ""
+    sides = next((keys for keys in (("policy_response", "base_response"), ("response1", "response2"))
+                  if all(f'"{k}"' in first for k in keys)), None)
+    if sides is not None:
+        rows = [json.loads(line) for line in path.open() if line.strip()]
+        examples: list[Any] = [SimpleNamespace(prompt=r["prompt"], chosen=r[sides[0]], rejected=r[sides[1]])
+                               for r in rows if r.get(sides[0]) and r.get(sides[1])][:n]
+    else:
+        examples = load_preferences(path, limit=n)
     if len(examples) < n:
         print(f"note: {path} has only {len(examples)} usable pairs", file=sys.stderr)
     return examples
@@ -159,8 +178,14 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
                                          [1.0] * n, args.max_length)
     with Clock() as shared:
         rm.score_pairs(pairs, batch_size=16, shared_prefix=True)
-    rows: dict[str, Clock] = {"rm": flat, "rm_shared_prefix": shared}
-    out: dict[str, Any] = {"pairs": n}
+    cap = rm.max_batch_tokens
+    rm.max_batch_tokens = 10**9  # the layout before the token cap: batches of 16 rows, whatever their length
+    with Clock() as shared_rows16:
+        rm.score_pairs(pairs, batch_size=16, shared_prefix=True)
+    rm.max_batch_tokens = cap
+    rows: dict[str, Clock] = {"rm": flat, "rm_shared_prefix": shared, "rm_shared_prefix_rows16": shared_rows16}
+    out: dict[str, Any] = {"pairs": n, "rm_max_batch_tokens": cap,
+                           "rm_tokens_per_pair": sum(p.row_length for p in pairs) / max(n, 1)}
     if not args.skip_judge:
         from rlaif.judge.engines import build_engine
         from rlaif.judge.judges import PairwiseJudge
@@ -185,7 +210,7 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
                      "pairs_per_cpu_second": count / clock.cpu}
     for judge_name in ("judge", "cot_judge"):
         if judge_name in out:
-            for rm_name in ("rm", "rm_shared_prefix"):
+            for rm_name in ("rm", "rm_shared_prefix", "rm_shared_prefix_rows16"):
                 out[f"speedup_{rm_name}_vs_{judge_name}"] = {
                     "wall": out[rm_name]["pairs_per_second"] / out[judge_name]["pairs_per_second"],
                     "cpu": out[rm_name]["pairs_per_cpu_second"] / out[judge_name]["pairs_per_cpu_second"]}
@@ -279,6 +304,7 @@ def main() -> None:
     s = results.get("scoring")
     if isinstance(s, dict):
         labels = {"rm": "RM, 2 sequences per pair", "rm_shared_prefix": "RM, one shared-prefix row per pair",
+                  "rm_shared_prefix_rows16": "RM, shared-prefix rows, 16 rows per batch (no token cap)",
                   "judge": "LLM pairwise judge, logprob (both orders)",
                   "cot_judge": f"LLM pairwise judge, CoT ({s.get('cot_pairs')} pairs)"}
         print(f"\nScoring {s['pairs']} pairs, judge engine {args.judge_engine}\n| scorer | pairs/s | pairs per CPU-second |\n"
@@ -286,6 +312,8 @@ def main() -> None:
         for key, label in labels.items():
             if key in s:
                 print(f"| {label} | {s[key]['pairs_per_second']:.3f} | {s[key]['pairs_per_cpu_second']:.3f} |")
+        print(f"RM batches: at most {s.get('rm_max_batch_tokens')} padded tokens; "
+              f"{s.get('rm_tokens_per_pair', 0):.0f} tokens per shared-prefix row on average")
         for key, value in s.items():
             if key.startswith("speedup_"):
                 print(f"{key}: {value['wall']:.1f}x wall, {value['cpu']:.1f}x CPU")

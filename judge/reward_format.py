@@ -298,8 +298,26 @@ def collate_flat(sequences: Sequence[Sequence[int]], pad_id: int) -> FlatBatch:
     return FlatBatch(input_ids, attention_mask, torch.tensor(lengths, dtype=torch.long) - 1)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (shortest first): minimal padding."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (shortest first): minimal padding.
+
+    `max_batch_tokens` also caps a batch's padded size (rows x its longest row); a row longer than
+    the cap runs alone. Why: on a CPU a forward over a few thousand tokens of a small model is
+    slower per token than several smaller ones (its activations no longer fit the caches; see
+    `RewardModel.max_batch_tokens`), so a row count alone is the wrong limit there.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # ascending: the row being added is the batch's longest
+        if batches and len(batches[-1]) < batch_size and (
+                max_batch_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_batch_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 

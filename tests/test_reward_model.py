@@ -30,6 +30,7 @@ from rlaif.policy_training.reward_model import (
     fit_pair,
     fit_single,
     hard_bradley_terry_loss,
+    length_sorted_batches,
     soft_bradley_terry_loss,
 )
 from rlaif.policy_training.reward_model import (  # training side
@@ -272,6 +273,48 @@ def test_score_batched_equals_unbatched_in_input_order(tiny_base):
     with pytest.raises(ValueError, match="one prompt per response"):
         rm.score(prompts, responses[:-1])
     assert rm.score([], []) == []
+
+
+def test_length_sorted_batches_respect_the_row_and_token_caps():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 400) for _ in range(100)] + [900]
+    for cap in (None, 300, 1024):
+        batches = length_sorted_batches(lengths, 16, cap)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= 16 for b in batches)
+        for b in batches:
+            assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+            if cap is not None and len(b) > 1:
+                assert len(b) * max(lengths[i] for i in b) <= cap
+        if cap is not None:  # the 900-token row is longer than half of each cap: it runs alone
+            assert [b for b in batches if 100 in b] == [[100]]
+    assert len(length_sorted_batches(lengths, 16, 1024)) > len(length_sorted_batches(lengths, 16))
+    assert length_sorted_batches([3, 1, 2], 2) == [[1, 2], [0]]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        length_sorted_batches(lengths, 4, 0)
+
+
+def test_token_capped_scoring_gives_the_same_scores(plain_checkpoint_dir):
+    """The CPU default (at most `CPU_SCORING_BATCH_TOKENS` padded tokens per forward) only changes how
+    rows are grouped: scores equal those of uncapped batches, pairs and single sequences alike."""
+    from rlaif.judge.reward_model import CPU_SCORING_BATCH_TOKENS
+
+    rm = RewardModel.from_base(str(plain_checkpoint_dir), max_length=512)
+    assert rm.max_batch_tokens == CPU_SCORING_BATCH_TOKENS  # CPU default
+    rows = human_pairs(HH, limit=12)
+    prompts = [r["prompt"] for r in rows]
+    chosen, rejected = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+    pairs, _ = rm.formatter.encode_pairs(prompts, chosen, rejected, [1.0] * len(rows), 512)
+    capped_pairs = rm.score_pairs(pairs, batch_size=16)
+    capped = rm.score(prompts, chosen, batch_size=16)
+    rm.max_batch_tokens = 10**9
+    assert rm.score_pairs(pairs, batch_size=16) == (pytest.approx(capped_pairs[0], abs=1e-4),
+                                                     pytest.approx(capped_pairs[1], abs=1e-4))
+    assert rm.score(prompts, chosen, batch_size=16) == pytest.approx(capped, abs=1e-4)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        rm.max_batch_tokens = 0
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        RewardModel(rm.model, rm.tokenizer, max_batch_tokens=-1)
 
 
 # ============================================================================ data
