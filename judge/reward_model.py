@@ -122,8 +122,8 @@ class RewardModel:
         Unset, it is `CPU_SCORING_BATCH_TOKENS` on a CPU and no cap on a GPU. Why a cap on a CPU: the
         135M RM scored 84 held-out loop pairs (shared-prefix rows of 238 tokens on average) at 1.64
         pairs/s in batches of 16 rows and at 2.21 pairs/s in batches of at most 512 tokens, and 64
-        hh-rlhf pairs at 1.48 vs 2.11 (same kernels, 2-core AVX2 EPYC; caps of 512-1024 all within
-        5% of each other): a big batch pads more and its activations spill out of the caches, while
+        hh-rlhf pairs at 1.48 vs 2.11 (same kernels, 2-core AVX2 EPYC; caps of 512-1024 within 7% of
+        each other): a big batch pads more and its activations spill out of the caches, while
         a 135M model's GEMMs are already efficient at a few hundred rows."""
         if self._max_batch_tokens is not None:
             return self._max_batch_tokens
