@@ -65,11 +65,12 @@ def load_pairs(path: Path, n: int) -> list[Any]:
 
     from rlaif.judge.data import load_preferences
 
-    first = path.open().readline() if path.suffix == ".jsonl" else ""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.suffix == ".jsonl" else []
+    first = lines[0] if lines else ""
     sides = next((keys for keys in (("policy_response", "base_response"), ("response1", "response2"))
                   if all(f'"{k}"' in first for k in keys)), None)
     if sides is not None:
-        rows = [json.loads(line) for line in path.open() if line.strip()]
+        rows = [json.loads(line) for line in lines]
         examples: list[Any] = [SimpleNamespace(prompt=r["prompt"], chosen=r[sides[0]], rejected=r[sides[1]])
                                for r in rows if r.get(sides[0]) and r.get(sides[1])][:n]
     else:
