@@ -26,9 +26,10 @@ Run (about 10 minutes on 2 cores):
     python benchmarks/reward_model.py --skip-training --cot-pairs 0 --score-pairs 64 \
         --judge-engine 'hf:<capable-judge>.gguf?dtype=bf16'
 
-The RM rows use `RewardModel`'s default batching (on a CPU at most `CPU_SCORING_BATCH_TOKENS`
-padded tokens per forward); one more row times the shared-prefix layout in batches of 16 rows
-without that cap, the layout before it, for a before/after in the same run.
+The RM rows use `RewardModel`'s defaults (on a CPU at most `CPU_SCORING_BATCH_TOKENS` padded tokens
+per forward; the token prefix all rows share, e.g. the chat template's system prompt, run once).
+Two more rows time the layouts before those, for a before/after in the same run: shared-prefix
+rows without the common-prefix KV, and additionally in batches of 16 rows without the token cap.
 
 Each measurement runs in its own process (same starting state; a trainer's several GB are freed
 before the next one starts).
@@ -164,6 +165,7 @@ class Clock:
 
 def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """Pairs/s: RM (flat and shared-prefix) vs the LLM pairwise judge, same pairs."""
+    from rlaif.judge.reward_format import common_prefix_length
     from rlaif.policy_training.reward_model import RewardModel
 
     examples = examples[: args.score_pairs]
@@ -179,13 +181,19 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
                                          [1.0] * n, args.max_length)
     with Clock() as shared:
         rm.score_pairs(pairs, batch_size=16, shared_prefix=True)
+    sharing = rm.prefix_sharing
+    rm.share_common_prefix = False  # before common-prefix KV: every row recomputes the system prompt
+    with Clock() as shared_no_common:
+        rm.score_pairs(pairs, batch_size=16, shared_prefix=True)
     cap = rm.max_batch_tokens
-    rm.max_batch_tokens = 10**9  # the layout before the token cap: batches of 16 rows, whatever their length
+    rm.max_batch_tokens = 10**9  # the layout before the token cap too: batches of 16 rows, whatever their length
     with Clock() as shared_rows16:
         rm.score_pairs(pairs, batch_size=16, shared_prefix=True)
-    rm.max_batch_tokens = cap
-    rows: dict[str, Clock] = {"rm": flat, "rm_shared_prefix": shared, "rm_shared_prefix_rows16": shared_rows16}
-    out: dict[str, Any] = {"pairs": n, "rm_max_batch_tokens": cap,
+    rm.max_batch_tokens, rm.share_common_prefix = cap, True
+    rows: dict[str, Clock] = {"rm": flat, "rm_shared_prefix": shared, "rm_shared_prefix_no_common_kv": shared_no_common,
+                              "rm_shared_prefix_rows16": shared_rows16}
+    out: dict[str, Any] = {"pairs": n, "rm_max_batch_tokens": cap, "rm_prefix_sharing": sharing,
+                           "rm_common_prefix_tokens": common_prefix_length([p.prompt for p in pairs]),
                            "rm_tokens_per_pair": sum(p.row_length for p in pairs) / max(n, 1)}
     if not args.skip_judge:
         from rlaif.judge.engines import build_engine
@@ -211,7 +219,7 @@ def scoring(examples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
                      "pairs_per_cpu_second": count / clock.cpu}
     for judge_name in ("judge", "cot_judge"):
         if judge_name in out:
-            for rm_name in ("rm", "rm_shared_prefix", "rm_shared_prefix_rows16"):
+            for rm_name in ("rm", "rm_shared_prefix", "rm_shared_prefix_no_common_kv", "rm_shared_prefix_rows16"):
                 out[f"speedup_{rm_name}_vs_{judge_name}"] = {
                     "wall": out[rm_name]["pairs_per_second"] / out[judge_name]["pairs_per_second"],
                     "cpu": out[rm_name]["pairs_per_cpu_second"] / out[judge_name]["pairs_per_cpu_second"]}
@@ -305,7 +313,8 @@ def main() -> None:
     s = results.get("scoring")
     if isinstance(s, dict):
         labels = {"rm": "RM, 2 sequences per pair", "rm_shared_prefix": "RM, one shared-prefix row per pair",
-                  "rm_shared_prefix_rows16": "RM, shared-prefix rows, 16 rows per batch (no token cap)",
+                  "rm_shared_prefix_no_common_kv": "RM, shared-prefix rows, common prefix recomputed per row",
+                  "rm_shared_prefix_rows16": "RM, shared-prefix rows, 16 rows per batch (no token cap, no common KV)",
                   "judge": "LLM pairwise judge, logprob (both orders)",
                   "cot_judge": f"LLM pairwise judge, CoT ({s.get('cot_pairs')} pairs)"}
         print(f"\nScoring {s['pairs']} pairs, judge engine {args.judge_engine}\n| scorer | pairs/s | pairs per CPU-second |\n"
@@ -314,7 +323,8 @@ def main() -> None:
             if key in s:
                 print(f"| {label} | {s[key]['pairs_per_second']:.3f} | {s[key]['pairs_per_cpu_second']:.3f} |")
         print(f"RM batches: at most {s.get('rm_max_batch_tokens')} padded tokens; "
-              f"{s.get('rm_tokens_per_pair', 0):.0f} tokens per shared-prefix row on average")
+              f"{s.get('rm_tokens_per_pair', 0):.0f} tokens per shared-prefix row on average, "
+              f"{s.get('rm_common_prefix_tokens')} of them common to all rows; prefix sharing: {s.get('rm_prefix_sharing')}")
         for key, value in s.items():
             if key.startswith("speedup_"):
                 print(f"{key}: {value['wall']:.1f}x wall, {value['cpu']:.1f}x CPU")

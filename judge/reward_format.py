@@ -298,6 +298,18 @@ def collate_flat(sequences: Sequence[Sequence[int]], pad_id: int) -> FlatBatch:
     return FlatBatch(input_ids, attention_mask, torch.tensor(lengths, dtype=torch.long) - 1)
 
 
+def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 0) -> int:
+    """Length of the longest token prefix all rows start with, leaving each row >= `keep` own tokens."""
+    if not rows:
+        return 0
+    limit = min(len(row) for row in rows) - keep
+    first = rows[0]
+    length = 0
+    while length < limit and all(row[length] == first[length] for row in rows):
+        length += 1
+    return max(length, 0)
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int,
                           max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices grouped into batches of similar length (shortest first): minimal padding.

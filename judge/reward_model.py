@@ -13,6 +13,12 @@ format and batching are in `reward_format.py`.
 Rewards are read from the hidden state of the last real token of each sequence, located
 from the sequence lengths we built, never from `ids != pad_id` (SmolLM2's EOS is its
 default pad token and occurs inside chat prompts).
+
+Scoring (`score`, `score_pairs`) also runs the token prefix that every row of a call starts with
+(a chat template's system prompt, or one prompt scored against many responses) once, and gives
+its keys/values to every batch: a causal decoder's prefix states do not depend on what follows.
+That is only used where it is exact: architectures `prefix_sharing_support` vouches for, and
+after the first batch of each model matched the plain forward (see `RewardModel.prefix_sharing`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +45,7 @@ from rlaif.judge.reward_format import (
     PromptFormat,
     collate_flat,
     collate_shared_prefix,
+    common_prefix_length,
     fit_single,
     length_sorted_batches,
 )
@@ -48,6 +57,30 @@ logger = logging.getLogger(__name__)
 
 CPU_SCORING_BATCH_TOKENS = 512
 """Default cap on a CPU scoring forward's padded tokens (see `RewardModel.max_batch_tokens`)."""
+
+MIN_SHARED_PREFIX_TOKENS = 8
+"""A common prefix shorter than this is recomputed per row: its one extra forward would cost more."""
+
+PREFIX_EXACTNESS_ATOL = 1e-3
+"""Largest |reward difference| between the prefix-sharing and the plain forward accepted as "the same"
+(fp32 rounding of differently shaped GEMMs is ~1e-6; a wrong position or mask moves rewards by >0.01)."""
+
+
+@dataclass(frozen=True)
+class SharedPrefixKV:
+    """Keys/values of the token prefix all rows of one scoring call start with, computed once."""
+
+    tokens: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Per decoder layer (keys, values), each (1, kv_heads, len(tokens), head_dim)."""
+
+    def cache(self, rows: int, config: Any) -> Any:
+        """A fresh `DynamicCache` holding the prefix for `rows` rows (views, no copy: the forward
+        concatenates new entries into new tensors, so the prefix itself is never written)."""
+        from transformers import DynamicCache
+
+        data = [(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in self.layers]
+        return DynamicCache(ddp_cache_data=data, config=config)
 
 # ============================================================================ the model
 
@@ -112,6 +145,9 @@ class RewardModel:
         self.inference_only = False
         self.backbone: Any = getattr(model, model.base_model_prefix, None) if self.head is not None else None
         self.max_batch_tokens = max_batch_tokens  # validated by the setter
+        self.share_common_prefix = True
+        """Scoring runs the rows' common token prefix once (where exact); False recomputes it per row."""
+        self._prefix_verdict: tuple[bool, str] | None = None
 
     @property
     def max_batch_tokens(self) -> int | None:
@@ -288,6 +324,107 @@ class RewardModel:
             return False, f"shared-prefix rewards differ from separate sequences by {diff:.2e}"
         return True, f"max |diff| {diff:.1e}"
 
+    # ------------------------------------------------------------------ common-prefix KV (scoring only)
+    @property
+    def prefix_sharing(self) -> str:
+        """Whether scoring shares a common prefix's KV on this model, and why: "unverified" until the
+        first scoring call with a common prefix compared one batch both ways; then "exact (...)" or
+        "off: <reason>" for the lifetime of this object."""
+        if not self.share_common_prefix:
+            return "off: share_common_prefix is False"
+        if self._prefix_verdict is None:
+            static = self._static_prefix_support()
+            return "unverified" if static is None else f"off: {static}"
+        ok, why = self._prefix_verdict
+        return f"exact ({why})" if ok else f"off: {why}"
+
+    @property
+    def _prefix_refused(self) -> bool:
+        """The first-batch check found sharing inexact on this model."""
+        return self._prefix_verdict is not None and not self._prefix_verdict[0]
+
+    def _static_prefix_support(self) -> str | None:
+        """Why this model can never share a prefix (None = it may, subject to the first-batch check)."""
+        from rlaif.judge.engines.exactness import prefix_sharing_support
+
+        if not self.supports_shared_prefix:
+            return (f"needs a decoder with a `score` head and sdpa/eager attention "
+                    f"(head={self.head is not None}, attn={self.model.config._attn_implementation})")
+        support = prefix_sharing_support(self.model)
+        if not support.batch_invariant or (not support.exact and support.window is None):
+            return support.reason
+        return None
+
+    def _shared_prefix(self, rows: Sequence[Sequence[int]], keep: int) -> SharedPrefixKV | None:
+        """The KV of the rows' longest common prefix (each row keeps >= `keep` tokens of its own),
+        or None where sharing is off, would not pay, or was found inexact on this model."""
+        if (not self.share_common_prefix or len(rows) < 2 or self._static_prefix_support() is not None
+                or self._prefix_refused):
+            return None
+        length = common_prefix_length(rows, keep=keep)
+        if length < MIN_SHARED_PREFIX_TOKENS:
+            return None
+        tokens = tuple(rows[0][:length])
+        out = self.backbone(input_ids=torch.tensor([tokens], device=self.device), use_cache=True)
+        layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        return SharedPrefixKV(tokens, layers)
+
+    def _prefix_fits(self, prefix: SharedPrefixKV, width: int) -> bool:
+        """Sliding-window models: sharing is exact only while prefix + row fit in the window."""
+        from rlaif.judge.engines.exactness import prefix_sharing_support
+
+        return prefix_sharing_support(self.model).allows(len(prefix.tokens) + width)
+
+    def _pair_rewards_after(self, pairs: Sequence[EncodedPair], prefix: SharedPrefixKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pair_rewards(shared_prefix=True)` for pairs whose prompts start with `prefix` (kept in
+        the pairs): only the rest of each row is computed, on top of the cached prefix."""
+        device, start = self.device, len(prefix.tokens)
+        rest = [EncodedPair(p.prompt[start:], p.chosen, p.rejected, p.target) for p in pairs]
+        batch = collate_shared_prefix(rest, self.pad_id)
+        rows, width = batch.input_ids.shape
+        allowed = torch.cat([torch.ones((rows, 1, width, start), dtype=torch.bool), batch.allowed], dim=-1)
+        hidden = self.backbone(input_ids=batch.input_ids.to(device), position_ids=(batch.position_ids + start).to(device),
+                               attention_mask=self._attention_mask_from(allowed.to(device)),
+                               past_key_values=prefix.cache(rows, self.model.config), use_cache=True).last_hidden_state
+        index = torch.arange(rows, device=device)
+        last = torch.cat([hidden[index, batch.chosen_index.to(device)], hidden[index, batch.rejected_index.to(device)]])
+        assert self.head is not None
+        rewards = self.head(last).squeeze(-1)  # (2B,)
+        return rewards[:rows], rewards[rows:]
+
+    def _sequence_rewards_after(self, sequences: Sequence[Sequence[int]], prefix: SharedPrefixKV) -> torch.Tensor:
+        """`sequence_rewards` for sequences that start with `prefix`: the rest on top of its cache. (N,)"""
+        device, start = self.device, len(prefix.tokens)
+        batch = collate_flat([seq[start:] for seq in sequences], self.pad_id)
+        rows, width = batch.input_ids.shape
+        attention_mask = torch.cat([torch.ones((rows, start), dtype=batch.attention_mask.dtype), batch.attention_mask], dim=1)
+        position_ids = torch.arange(start, start + width).expand(rows, -1)
+        hidden = self.backbone(input_ids=batch.input_ids.to(device), attention_mask=attention_mask.to(device),
+                               position_ids=position_ids.to(device), past_key_values=prefix.cache(rows, self.model.config),
+                               use_cache=True).last_hidden_state
+        assert self.head is not None
+        return self.head(hidden[torch.arange(rows, device=device), batch.last_index.to(device)]).squeeze(-1)
+
+    def _plain_pair_rewards(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        return torch.cat(self.pair_rewards(pairs, shared_prefix=True))  # (2B,)
+
+    def _plain_sequence_rewards(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.sequence_rewards(collate_flat(sequences, self.pad_id))  # (N,)
+
+    def _checked(self, shared: torch.Tensor, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The first prefix-sharing batch of this model is also run the plain way: keep sharing only
+        if both agree (else warn once, use the plain rewards, and never share on this model again)."""
+        if self._prefix_verdict is not None:
+            return shared
+        reference = plain()
+        diff = float((shared - reference).abs().max())
+        if bool(torch.isfinite(shared).all()) and diff <= PREFIX_EXACTNESS_ATOL:
+            self._prefix_verdict = (True, f"first batch max |diff| {diff:.1e}")
+            return shared
+        self._prefix_verdict = (False, f"common-prefix KV rewards differed from the plain forward by {diff:.2e}")
+        logger.warning("reward model: %s; scoring without prefix sharing from now on", self._prefix_verdict[1])
+        return reference
+
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def score_pairs(self, pairs: Sequence[EncodedPair], batch_size: int = 16,
@@ -298,8 +435,18 @@ class RewardModel:
         self.model.eval()
         chosen = [0.0] * len(pairs)
         rejected = [0.0] * len(pairs)
-        for idx in length_sorted_batches([p.row_length for p in pairs], batch_size, self.max_batch_tokens):
-            r_c, r_r = self.pair_rewards([pairs[i] for i in idx], shared_prefix=shared_prefix)
+        prefix = self._shared_prefix([p.prompt for p in pairs], keep=0) if shared_prefix else None
+        skip = len(prefix.tokens) if prefix is not None else 0
+        for idx in length_sorted_batches([p.row_length - skip for p in pairs], batch_size, self.max_batch_tokens):
+            batch = [pairs[i] for i in idx]
+            if prefix is not None and self._prefix_fits(prefix, max(p.row_length for p in batch) - skip):
+                r_c, r_r = self._pair_rewards_after(batch, prefix)
+                both = self._checked(torch.cat([r_c, r_r]), partial(self._plain_pair_rewards, batch))
+                r_c, r_r = both[: len(batch)], both[len(batch):]
+                if self._prefix_refused:
+                    prefix = None
+            else:
+                r_c, r_r = self.pair_rewards(batch, shared_prefix=shared_prefix)
             for i, c, r in zip(idx, r_c.float().tolist(), r_r.float().tolist()):
                 chosen[i], rejected[i] = c, r
         return chosen, rejected
@@ -320,8 +467,17 @@ class RewardModel:
         prompt_ids, (response_ids,) = self.formatter.encode(prompts, [responses])
         sequences = [fit_single(p, r, self.max_length) for p, r in zip(prompt_ids, response_ids)]
         out = [0.0] * len(sequences)
-        for idx in length_sorted_batches([len(s) for s in sequences], batch_size, self.max_batch_tokens):
-            rewards = self.sequence_rewards(collate_flat([sequences[i] for i in idx], self.pad_id))
+        prefix = self._shared_prefix(sequences, keep=1)  # the reward is read at a row's own last token
+        skip = len(prefix.tokens) if prefix is not None else 0
+        for idx in length_sorted_batches([len(s) - skip for s in sequences], batch_size, self.max_batch_tokens):
+            batch = [sequences[i] for i in idx]
+            if prefix is not None and self._prefix_fits(prefix, max(len(s) for s in batch) - skip):
+                rewards = self._checked(self._sequence_rewards_after(batch, prefix),
+                                        partial(self._plain_sequence_rewards, batch))
+                if self._prefix_refused:
+                    prefix = None
+            else:
+                rewards = self._plain_sequence_rewards(batch)
             for i, value in zip(idx, rewards.float().tolist()):
                 out[i] = value
         return out
