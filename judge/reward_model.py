@@ -53,6 +53,8 @@ from rlaif.judge.reward_format import (
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from rlaif.judge.engines.exactness import SharingSupport
+
 logger = logging.getLogger(__name__)
 
 CPU_SCORING_BATCH_TOKENS = 512
@@ -73,6 +75,12 @@ class SharedPrefixKV:
     tokens: tuple[int, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     """Per decoder layer (keys, values), each (1, kv_heads, len(tokens), head_dim)."""
+    support: SharingSupport
+    """The model's exactness rule: sliding-window models share only rows that fit the window."""
+
+    def fits(self, width: int) -> bool:
+        """Whether rows of `width` tokens after the prefix may use it."""
+        return self.support.allows(len(self.tokens) + width)
 
     def cache(self, rows: int, config: Any) -> Any:
         """A fresh `DynamicCache` holding the prefix for `rows` rows (views, no copy: the forward
@@ -269,28 +277,49 @@ class RewardModel:
         """Custom 4D masks need per-position hidden states (a `score` head) and SDPA/eager attention."""
         return self.backbone is not None and self.model.config._attn_implementation in {"sdpa", "eager"}
 
-    def sequence_rewards(self, batch: FlatBatch) -> torch.Tensor:
-        """One reward per right-padded sequence, read at its last real token. (N,)"""
+    def sequence_rewards(self, batch: FlatBatch, prefix: SharedPrefixKV | None = None) -> torch.Tensor:
+        """One reward per right-padded sequence, read at its last real token. (N,)
+
+        With `prefix`, the batch holds each sequence's tokens after it, computed on top of its cache."""
         device = self.device
         input_ids = batch.input_ids.to(device)
-        attention_mask = batch.attention_mask.to(device)
+        attention_mask = batch.attention_mask
         if self.head is None:  # e.g. encoder models: use the model's own pooling
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (N, T, H)
-        rows = torch.arange(hidden.shape[0], device=device)
-        return self.head(hidden[rows, batch.last_index.to(device)]).squeeze(-1)  # (N,)
+            assert prefix is None, "a shared prefix needs a per-position `score` head"
+            return self.model(input_ids=input_ids, attention_mask=attention_mask.to(device)).logits[:, 0]
+        rows, width = input_ids.shape
+        position_ids = cache = None
+        if prefix is not None:
+            start = len(prefix.tokens)
+            attention_mask = torch.cat([torch.ones((rows, start), dtype=attention_mask.dtype), attention_mask], dim=1)
+            position_ids = torch.arange(start, start + width, device=device).expand(rows, -1)
+            cache = prefix.cache(rows, self.model.config)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask.to(device), position_ids=position_ids,
+                               past_key_values=cache, use_cache=cache is not None).last_hidden_state  # (N, T, H)
+        return self.head(hidden[torch.arange(rows, device=device), batch.last_index.to(device)]).squeeze(-1)  # (N,)
 
-    def pair_rewards(self, pairs: Sequence[EncodedPair], *, shared_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_rewards(self, pairs: Sequence[EncodedPair], *, shared_prefix: bool,
+                     prefix: SharedPrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), for a batch of pairs in a single forward pass.
 
         Gradients flow if the caller has them enabled; evaluation wraps this in inference_mode.
+        With `prefix` (shared-prefix rows only), every prompt starts with its tokens: only the rest
+        of each row is computed, on top of its cache.
         """
         device = self.device
+        assert prefix is None or shared_prefix, "a common-prefix KV is only used with shared-prefix rows"
         if shared_prefix:
-            batch = collate_shared_prefix(pairs, self.pad_id)
-            hidden = self.backbone(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                                   attention_mask=self._attention_mask_from(batch.allowed.to(device)),
-                                   use_cache=False).last_hidden_state  # (B, T, H)
+            start = len(prefix.tokens) if prefix is not None else 0
+            batch = collate_shared_prefix([EncodedPair(p.prompt[start:], p.chosen, p.rejected, p.target)
+                                           for p in pairs] if start else pairs, self.pad_id)
+            allowed, cache = batch.allowed, None
+            if prefix is not None:
+                width = batch.input_ids.shape[1]
+                allowed = torch.cat([torch.ones((len(pairs), 1, width, start), dtype=torch.bool), allowed], dim=-1)
+                cache = prefix.cache(len(pairs), self.model.config)
+            hidden = self.backbone(input_ids=batch.input_ids.to(device), position_ids=(batch.position_ids + start).to(device),
+                                   attention_mask=self._attention_mask_from(allowed.to(device)),
+                                   past_key_values=cache, use_cache=cache is not None).last_hidden_state  # (B, T, H)
             rows = torch.arange(len(pairs), device=device)
             last = torch.cat([hidden[rows, batch.chosen_index.to(device)],
                               hidden[rows, batch.rejected_index.to(device)]])  # (2B, H)
@@ -333,8 +362,8 @@ class RewardModel:
         if not self.share_common_prefix:
             return "off: share_common_prefix is False"
         if self._prefix_verdict is None:
-            static = self._static_prefix_support()
-            return "unverified" if static is None else f"off: {static}"
+            support, why = self._prefix_support()
+            return "unverified" if support is not None else f"off: {why}"
         ok, why = self._prefix_verdict
         return f"exact ({why})" if ok else f"off: {why}"
 
@@ -343,73 +372,48 @@ class RewardModel:
         """The first-batch check found sharing inexact on this model."""
         return self._prefix_verdict is not None and not self._prefix_verdict[0]
 
-    def _static_prefix_support(self) -> str | None:
-        """Why this model can never share a prefix (None = it may, subject to the first-batch check)."""
+    def _prefix_support(self) -> tuple[SharingSupport | None, str]:
+        """The model's exactness rule, or None and why this model can never share a prefix
+        (a rule that allows it still leaves the first-batch check)."""
         from rlaif.judge.engines.exactness import prefix_sharing_support
 
         if not self.supports_shared_prefix:
-            return (f"needs a decoder with a `score` head and sdpa/eager attention "
-                    f"(head={self.head is not None}, attn={self.model.config._attn_implementation})")
+            return None, (f"needs a decoder with a `score` head and sdpa/eager attention "
+                          f"(head={self.head is not None}, attn={self.model.config._attn_implementation})")
         support = prefix_sharing_support(self.model)
         if not support.batch_invariant or (not support.exact and support.window is None):
-            return support.reason
-        return None
+            return None, support.reason
+        return support, ""
 
     def _shared_prefix(self, rows: Sequence[Sequence[int]], keep: int) -> SharedPrefixKV | None:
         """The KV of the rows' longest common prefix (each row keeps >= `keep` tokens of its own),
         or None where sharing is off, would not pay, or was found inexact on this model."""
-        if (not self.share_common_prefix or len(rows) < 2 or self._static_prefix_support() is not None
-                or self._prefix_refused):
+        if not self.share_common_prefix or len(rows) < 2 or self._prefix_refused:
             return None
+        support, _ = self._prefix_support()
         length = common_prefix_length(rows, keep=keep)
-        if length < MIN_SHARED_PREFIX_TOKENS:
+        if support is None or length < MIN_SHARED_PREFIX_TOKENS:
             return None
         tokens = tuple(rows[0][:length])
         out = self.backbone(input_ids=torch.tensor([tokens], device=self.device), use_cache=True)
         layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
-        return SharedPrefixKV(tokens, layers)
+        return SharedPrefixKV(tokens, layers, support)
 
-    def _prefix_fits(self, prefix: SharedPrefixKV, width: int) -> bool:
-        """Sliding-window models: sharing is exact only while prefix + row fit in the window."""
-        from rlaif.judge.engines.exactness import prefix_sharing_support
-
-        return prefix_sharing_support(self.model).allows(len(prefix.tokens) + width)
-
-    def _pair_rewards_after(self, pairs: Sequence[EncodedPair], prefix: SharedPrefixKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pair_rewards(shared_prefix=True)` for pairs whose prompts start with `prefix` (kept in
-        the pairs): only the rest of each row is computed, on top of the cached prefix."""
-        device, start = self.device, len(prefix.tokens)
-        rest = [EncodedPair(p.prompt[start:], p.chosen, p.rejected, p.target) for p in pairs]
-        batch = collate_shared_prefix(rest, self.pad_id)
-        rows, width = batch.input_ids.shape
-        allowed = torch.cat([torch.ones((rows, 1, width, start), dtype=torch.bool), batch.allowed], dim=-1)
-        hidden = self.backbone(input_ids=batch.input_ids.to(device), position_ids=(batch.position_ids + start).to(device),
-                               attention_mask=self._attention_mask_from(allowed.to(device)),
-                               past_key_values=prefix.cache(rows, self.model.config), use_cache=True).last_hidden_state
-        index = torch.arange(rows, device=device)
-        last = torch.cat([hidden[index, batch.chosen_index.to(device)], hidden[index, batch.rejected_index.to(device)]])
-        assert self.head is not None
-        rewards = self.head(last).squeeze(-1)  # (2B,)
-        return rewards[:rows], rewards[rows:]
-
-    def _sequence_rewards_after(self, sequences: Sequence[Sequence[int]], prefix: SharedPrefixKV) -> torch.Tensor:
-        """`sequence_rewards` for sequences that start with `prefix`: the rest on top of its cache. (N,)"""
-        device, start = self.device, len(prefix.tokens)
-        batch = collate_flat([seq[start:] for seq in sequences], self.pad_id)
-        rows, width = batch.input_ids.shape
-        attention_mask = torch.cat([torch.ones((rows, start), dtype=batch.attention_mask.dtype), batch.attention_mask], dim=1)
-        position_ids = torch.arange(start, start + width).expand(rows, -1)
-        hidden = self.backbone(input_ids=batch.input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=position_ids.to(device), past_key_values=prefix.cache(rows, self.model.config),
-                               use_cache=True).last_hidden_state
-        assert self.head is not None
-        return self.head(hidden[torch.arange(rows, device=device), batch.last_index.to(device)]).squeeze(-1)
-
-    def _plain_pair_rewards(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
-        return torch.cat(self.pair_rewards(pairs, shared_prefix=True))  # (2B,)
-
-    def _plain_sequence_rewards(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.sequence_rewards(collate_flat(sequences, self.pad_id))  # (N,)
+    def _batched_rewards(self, lengths: Sequence[int], batch_size: int, prefix: SharedPrefixKV | None,
+                         rewards: Callable[[list[int], SharedPrefixKV | None], torch.Tensor],
+                         ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(row indices, their rewards) per length-sorted batch. Rows of `lengths` tokens start with
+        `prefix` (if any); a batch uses it where the exactness rule allows, the first one also the
+        plain way (`_checked`), and none after a mismatch. `rewards(indices, prefix or None)`."""
+        skip = len(prefix.tokens) if prefix is not None else 0
+        for idx in length_sorted_batches([n - skip for n in lengths], batch_size, self.max_batch_tokens):
+            if prefix is not None and prefix.fits(max(lengths[i] for i in idx) - skip):
+                out = self._checked(rewards(idx, prefix), partial(rewards, idx, None))
+                if self._prefix_refused:
+                    prefix = None
+            else:
+                out = rewards(idx, None)
+            yield idx, out
 
     def _checked(self, shared: torch.Tensor, plain: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The first prefix-sharing batch of this model is also run the plain way: keep sharing only
@@ -435,19 +439,15 @@ class RewardModel:
         self.model.eval()
         chosen = [0.0] * len(pairs)
         rejected = [0.0] * len(pairs)
+        assert shared_prefix is not None
+
+        def rewards(idx: list[int], prefix: SharedPrefixKV | None) -> torch.Tensor:  # (2B,): chosen, then rejected
+            return torch.cat(self.pair_rewards([pairs[i] for i in idx], shared_prefix=shared_prefix, prefix=prefix))
+
         prefix = self._shared_prefix([p.prompt for p in pairs], keep=0) if shared_prefix else None
-        skip = len(prefix.tokens) if prefix is not None else 0
-        for idx in length_sorted_batches([p.row_length - skip for p in pairs], batch_size, self.max_batch_tokens):
-            batch = [pairs[i] for i in idx]
-            if prefix is not None and self._prefix_fits(prefix, max(p.row_length for p in batch) - skip):
-                r_c, r_r = self._pair_rewards_after(batch, prefix)
-                both = self._checked(torch.cat([r_c, r_r]), partial(self._plain_pair_rewards, batch))
-                r_c, r_r = both[: len(batch)], both[len(batch):]
-                if self._prefix_refused:
-                    prefix = None
-            else:
-                r_c, r_r = self.pair_rewards(batch, shared_prefix=shared_prefix)
-            for i, c, r in zip(idx, r_c.float().tolist(), r_r.float().tolist()):
+        for idx, both in self._batched_rewards([p.row_length for p in pairs], batch_size, prefix, rewards):
+            values = both.float().tolist()
+            for i, c, r in zip(idx, values[: len(idx)], values[len(idx):]):
                 chosen[i], rejected[i] = c, r
         return chosen, rejected
 
@@ -467,17 +467,13 @@ class RewardModel:
         prompt_ids, (response_ids,) = self.formatter.encode(prompts, [responses])
         sequences = [fit_single(p, r, self.max_length) for p, r in zip(prompt_ids, response_ids)]
         out = [0.0] * len(sequences)
+
+        def rewards(idx: list[int], prefix: SharedPrefixKV | None) -> torch.Tensor:
+            start = len(prefix.tokens) if prefix is not None else 0
+            return self.sequence_rewards(collate_flat([sequences[i][start:] for i in idx], self.pad_id), prefix)
+
         prefix = self._shared_prefix(sequences, keep=1)  # the reward is read at a row's own last token
-        skip = len(prefix.tokens) if prefix is not None else 0
-        for idx in length_sorted_batches([len(s) - skip for s in sequences], batch_size, self.max_batch_tokens):
-            batch = [sequences[i] for i in idx]
-            if prefix is not None and self._prefix_fits(prefix, max(len(s) for s in batch) - skip):
-                rewards = self._checked(self._sequence_rewards_after(batch, prefix),
-                                        partial(self._plain_sequence_rewards, batch))
-                if self._prefix_refused:
-                    prefix = None
-            else:
-                rewards = self._plain_sequence_rewards(batch)
-            for i, value in zip(idx, rewards.float().tolist()):
+        for idx, values in self._batched_rewards([len(s) for s in sequences], batch_size, prefix, rewards):
+            for i, value in zip(idx, values.float().tolist()):
                 out[i] = value
         return out

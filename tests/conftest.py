@@ -25,6 +25,18 @@ def plain_checkpoint_dir():
     return plain_checkpoint()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    on a shared 2-core box, two threads spin against other processes (10x slower). Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def judgment_cache(tmp_path):
     from rlaif.judge.cache import JudgmentCache

@@ -21,14 +21,7 @@ MT_BENCH = DATA / "mt_bench_questions_sample.jsonl"
 TINY = dict(max_new_tokens=10, batch_size=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def records(out: Path, stage: str, batches: int) -> list[dict]:

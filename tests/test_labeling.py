@@ -27,15 +27,7 @@ LLMBAR = DATA / "llmbar_natural_sample.json"
 TINY = dict(max_new_tokens=10, batch_size=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core box, two threads spin against other processes (10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stored(out: Path) -> tuple[dict[int, list[str]], dict[str, dict[tuple[int, int], dict]]]:

@@ -21,14 +21,7 @@ PROMPTS = DATA / "mt_bench_questions_sample.jsonl"
 TINY = dict(prompts=PROMPTS, limit=3, n=2, max_new_tokens=10, batch_size=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

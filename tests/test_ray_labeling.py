@@ -38,15 +38,8 @@ MT_BENCH = DATA / "mt_bench_questions_sample.jsonl"
 TINY = dict(max_new_tokens=8, batch_size=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here, as in each actor (Ray gives an actor with num_cpus=1 one OpenMP thread)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread here, as in each actor (Ray gives an actor with num_cpus=1 one OpenMP thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -51,13 +51,7 @@ LLMBAR = DATA / "llmbar_natural_sample.json"
 HH = DATA / "hh_rlhf_harmless_base_test_first500_sample.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core box, two threads spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ ANSWERS = ["Put it in boiling water for eight minutes, then cool it.", "The Danu
            "Air scatters blue light more than red light.", "Write a small program every day and read others' code."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core box, two threads spin against other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +133,13 @@ def test_unverified_architectures_never_share(tokenizer):
 class MisalignedPrefixRM(RewardModel):
     """Failure injection: a shared path that is off by 0.5 (as a wrong position offset would be)."""
 
-    def _pair_rewards_after(self, pairs: list[EncodedPair], prefix: SharedPrefixKV):
-        chosen, rejected = super()._pair_rewards_after(pairs, prefix)
-        return chosen + 0.5, rejected
+    def pair_rewards(self, pairs: list[EncodedPair], *, shared_prefix: bool, prefix: SharedPrefixKV | None = None):
+        chosen, rejected = super().pair_rewards(pairs, shared_prefix=shared_prefix, prefix=prefix)
+        return (chosen + 0.5 if prefix is not None else chosen), rejected
 
-    def _sequence_rewards_after(self, sequences, prefix: SharedPrefixKV):
-        return super()._sequence_rewards_after(sequences, prefix) + 0.5
+    def sequence_rewards(self, batch, prefix: SharedPrefixKV | None = None):
+        rewards = super().sequence_rewards(batch, prefix)
+        return rewards + 0.5 if prefix is not None else rewards
 
 
 def test_a_shared_path_that_disagrees_is_turned_off_and_its_rewards_discarded(plain_checkpoint_dir, tokenizer, caplog):

@@ -25,14 +25,7 @@ DATA = Path(__file__).parent / "data"
 PROMPTS = DATA / "self_instruct_user_oriented_sample.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
